@@ -1,0 +1,207 @@
+// paged_attention: causal attention for one sequence, reading K/V straight
+// from the paged cache.
+//
+// Cache layout: k_cache/v_cache [num_blocks, Hkv, block_size, Dh]; key
+// position p lives in block block_table[p / block_size], slot p % block_size,
+// so within one block the slots of a kv head are contiguous rows of Dh floats.
+// Query head h reads kv head h / (Hq / Hkv) (grouped-query attention).
+//
+// Each (token, head) pair is one work item. Softmax is two-pass: all scores
+// of the row are kept in a per-thread buffer, then max-subtracted and
+// exponentiated (exact and stable; the buffer is only seq_len floats).
+// The per-ISA kernels work on a whole block of slots, so the indirect call
+// is amortized over block_size keys.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ops.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace lingli {
+namespace {
+
+struct AttnKernels {
+    // s[j] = scale * dot(q, k + j*Dh) for j < n
+    void (*scores)(const float* q, const float* k, int64_t n, int64_t Dh, float scale, float* s);
+    // acc += sum_j p[j] * v[j*Dh .. j*Dh+Dh)
+    void (*accum)(const float* p, const float* v, int64_t n, int64_t Dh, float* acc);
+};
+
+// ---------------------------------------------------------------- plain ---
+
+void scores_plain(const float* q, const float* k, int64_t n, int64_t Dh, float scale, float* s) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float* kr = k + j * Dh;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t d = 0;
+        for (; d + 8 <= Dh; d += 8)
+            for (int i = 0; i < 8; ++i) acc[i] += q[d + i] * kr[d + i];
+        float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; d < Dh; ++d) sum += q[d] * kr[d];
+        s[j] = scale * sum;
+    }
+}
+
+void accum_plain(const float* p, const float* v, int64_t n, int64_t Dh, float* acc) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float pj = p[j];
+        const float* vr = v + j * Dh;
+        for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * vr[d];
+    }
+}
+
+const AttnKernels kPlain = {scores_plain, accum_plain};
+
+#if defined(__x86_64__)
+// ----------------------------------------------------------------- AVX2 ---
+
+LINGLI_TARGET_AVX2 inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Head dims are small (64-128): two accumulators are enough.
+LINGLI_TARGET_AVX2 void scores_avx2(const float* q, const float* k, int64_t n, int64_t Dh,
+                                    float scale, float* s) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float* kr = k + j * Dh;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        int64_t d = 0;
+        for (; d + 16 <= Dh; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(kr + d + 8), a1);
+        }
+        for (; d + 8 <= Dh; d += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+        float sum = hsum256(_mm256_add_ps(a0, a1));
+        for (; d < Dh; ++d) sum += q[d] * kr[d];
+        s[j] = scale * sum;
+    }
+}
+
+LINGLI_TARGET_AVX2 void accum_avx2(const float* p, const float* v, int64_t n, int64_t Dh,
+                                   float* acc) {
+    for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* vr = v + j * Dh;
+        int64_t d = 0;
+        for (; d + 8 <= Dh; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc + d)));
+        for (; d < Dh; ++d) acc[d] += p[j] * vr[d];
+    }
+}
+
+const AttnKernels kAvx2 = {scores_avx2, accum_avx2};
+
+// -------------------------------------------------------------- AVX-512 ---
+
+LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t n, int64_t Dh,
+                                        float scale, float* s) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float* kr = k + j * Dh;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t d = 0;
+        for (; d + 32 <= Dh; d += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kr + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), _mm512_loadu_ps(kr + d + 16), a1);
+        }
+        for (; d < Dh; d += 16) {
+            const __mmask16 m = Dh - d >= 16 ? static_cast<__mmask16>(0xffff)
+                                             : static_cast<__mmask16>((1u << (Dh - d)) - 1u);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kr + d), a0);
+        }
+        s[j] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const float* v, int64_t n, int64_t Dh,
+                                       float* acc) {
+    for (int64_t j = 0; j < n; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        const float* vr = v + j * Dh;
+        for (int64_t d = 0; d < Dh; d += 16) {
+            const __mmask16 m = Dh - d >= 16 ? static_cast<__mmask16>(0xffff)
+                                             : static_cast<__mmask16>((1u << (Dh - d)) - 1u);
+            const __m512 a = _mm512_maskz_loadu_ps(m, acc + d);
+            _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m, vr + d), a));
+        }
+    }
+}
+
+const AttnKernels kAvx512 = {scores_avx512, accum_avx512};
+#endif  // __x86_64__
+
+// NEON uses the plain kernels: their fixed-width loops auto-vectorize to
+// Advanced SIMD, and attention is a small share of decode time.
+const AttnKernels& kernels_for(Isa isa) {
+    switch (isa) {
+#if defined(__x86_64__)
+        case Isa::Avx2: return kAvx2;
+        case Isa::Avx512: return kAvx512;
+#endif
+        default: return kPlain;
+    }
+}
+
+}  // namespace
+
+void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+                     const int32_t* block_table, const int32_t* q_positions, float* out,
+                     int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
+                     float scale) {
+    const AttnKernels& kern = kernels_for(current_isa());
+    const int64_t group = Hq / Hkv;
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; ++t) max_len = std::max<int64_t>(max_len, int64_t(q_positions[t]) + 1);
+    const int64_t items = T * Hq;
+    int nt = threads_for_bytes(items * max_len * Dh * 8);
+    if (nt > items) nt = static_cast<int>(items);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        std::vector<float> s(static_cast<size_t>(max_len));
+        std::vector<float> acc(static_cast<size_t>(Dh));
+        // Rows have different lengths (causal), so hand out items dynamically.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t t = it / Hq, h = it % Hq, g = h / group;
+            const int64_t len = int64_t(q_positions[t]) + 1;
+            const float* qv = q + (t * Hq + h) * Dh;
+            float* o = out + (t * Hq + h) * Dh;
+
+            for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+                const int64_t blk = block_table[p0 / block_size];
+                const int64_t n = std::min(block_size, len - p0);
+                kern.scores(qv, k_cache + (blk * Hkv + g) * block_size * Dh, n, Dh, scale,
+                            s.data() + p0);
+            }
+            float mx = s[0];
+            for (int64_t p = 1; p < len; ++p) mx = std::max(mx, s[p]);
+            double sum = 0.0;
+            for (int64_t p = 0; p < len; ++p) {
+                s[p] = std::exp(s[p] - mx);
+                sum += s[p];
+            }
+
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+                const int64_t blk = block_table[p0 / block_size];
+                const int64_t n = std::min(block_size, len - p0);
+                kern.accum(s.data() + p0, v_cache + (blk * Hkv + g) * block_size * Dh, n, Dh,
+                           acc.data());
+            }
+            const float inv = static_cast<float>(1.0 / sum);
+            for (int64_t d = 0; d < Dh; ++d) o[d] = acc[d] * inv;
+        }
+    }
+}
+
+}  // namespace lingli

@@ -1,0 +1,43 @@
+// rope: rotary position embedding, in place on x[T, H, Dh].
+//
+// Two layouts exist in the wild, differing only in which dims form a pair:
+//   rotate-half (Hugging Face):  (i, i + R/2)
+//   interleaved (Meta, GPT-J):   (2i, 2i + 1)
+// Both rotate the pair by angle theta[pos, i]:
+//   x1' = x1*c - x2*s,  x2' = x2*c + x1*s.
+// Dims >= R (partial rotary, e.g. Phi/NeoX) are left untouched.
+
+#include "cpu_features.h"
+#include "ops.h"
+
+namespace lingli {
+
+void rope(float* x, const int32_t* positions, const float* cos, const float* sin, int64_t T,
+          int64_t H, int64_t Dh, int64_t half_rot, bool interleaved) {
+    const int nt = threads_for_bytes(T * H * Dh * 8);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t t = 0; t < T; ++t) {
+        const float* c = cos + static_cast<int64_t>(positions[t]) * half_rot;
+        const float* s = sin + static_cast<int64_t>(positions[t]) * half_rot;
+        for (int64_t h = 0; h < H; ++h) {
+            float* v = x + (t * H + h) * Dh;
+            if (interleaved) {
+                for (int64_t i = 0; i < half_rot; ++i) {
+                    const float x1 = v[2 * i], x2 = v[2 * i + 1];
+                    v[2 * i] = x1 * c[i] - x2 * s[i];
+                    v[2 * i + 1] = x2 * c[i] + x1 * s[i];
+                }
+            } else {
+                float* lo = v;
+                float* hi = v + half_rot;
+                for (int64_t i = 0; i < half_rot; ++i) {
+                    const float x1 = lo[i], x2 = hi[i];
+                    lo[i] = x1 * c[i] - x2 * s[i];
+                    hi[i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        }
+    }
+}
+
+}  // namespace lingli

@@ -1,0 +1,1 @@
+"""Triton GPU kernels (issue: Triton backend). Empty until that backend lands."""

@@ -1,0 +1,66 @@
+"""CPU backend: the handful of operations the model calls, run by `runtime._C`.
+
+Every backend implements exactly this set (DESIGN.md, "one path for every
+backend"): prepare a weight, linear, rms_norm, rope_, silu_mul, attention and
+embedding. Model code never branches on the backend.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .kv_cache import PagedKVCache, SequenceKV
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        from . import _C  # the extension; built by setup.py
+
+        self._C = _C
+        if num_threads is None:
+            num_threads = int(os.environ.get("LINGLI_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        _C.set_num_threads(num_threads)
+        self.num_threads = num_threads
+
+    @property
+    def isa(self) -> str:
+        return self._C.isa()
+
+    def weight(self, w: np.ndarray) -> np.ndarray:
+        """Put a weight matrix [out, in] into the layout `linear` reads (f32 or f16 rows)."""
+        if w.dtype not in (np.float32, np.float16):
+            w = w.astype(np.float32)
+        return np.ascontiguousarray(w)
+
+    def vector(self, w: np.ndarray) -> np.ndarray:
+        """Norm weights and biases are always float32."""
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def linear(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        y = self._C.linear(x, w)
+        if bias is not None:
+            y += bias
+        return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return self._C.rms_norm(x, weight, eps)
+
+    def rope_(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+              interleaved: bool) -> None:
+        self._C.rope_(x, positions, cos, sin, interleaved)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._C.silu_mul(gate, up)
+
+    def attention(self, q: np.ndarray, cache: PagedKVCache, layer: int, seq: SequenceKV,
+                  positions: np.ndarray, scale: float) -> np.ndarray:
+        return self._C.paged_attention(q, cache.k[layer], cache.v[layer], seq.table_array(),
+                                       positions, scale)
+
+    def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(table[ids], dtype=np.float32)

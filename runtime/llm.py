@@ -1,0 +1,213 @@
+"""The public Python API: `LLM(path).generate / stream / logits / tokenizer`.
+
+One request at a time for now: the prompt is prefilled in chunks into a paged
+KV cache, then tokens are decoded one by one, sampled, streamed through the
+incremental detokenizer and checked against stop tokens and stop strings.
+The continuous-batching engine replaces this loop later without changing the
+API.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .detokenizer import IncrementalDecoder
+from .errors import ContextLengthError, LingliError
+from .kv_cache import PagedKVCache, SequenceKV
+from .loader import load_weights
+from .model import LlamaModel
+from .sampler import Sampler, SamplingParams
+
+Prompt = str | Sequence[int]
+
+QUANT_DTYPES = {None: None, "fp32": "fp32", "fp16": "fp16"}
+LATER_QUANTS = ("int8", "int4", "int3")
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class RequestOutput:
+    """What one prompt produced."""
+
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None     # "stop" (eos, stop token or stop string) or "length"
+
+
+class LLM:
+    """A loaded model ready to generate.
+
+    model: a checkpoint directory (config.json + safetensors + tokenizer), a
+        .gguf file (converted on first use) or a known name ("smollm2").
+    quant: None keeps the checkpoint dtype (bf16 is widened to fp32), "fp32",
+        "fp16"; "int8"/"int4"/"int3" arrive with the quantized kernels.
+    backend: "cpu" ("triton" arrives with the GPU backend).
+    max_model_len: context window; defaults to the model's max_position_embeddings.
+    """
+
+    def __init__(self, model: str | os.PathLike, quant: str | None = None,
+                 backend: str = "cpu", max_model_len: int | None = None,
+                 num_threads: int | None = None, block_size: int = 16) -> None:
+        from .hub import resolve_model
+
+        if quant in LATER_QUANTS:
+            raise LingliError(f"quant={quant!r} is not available yet: this build runs "
+                              "fp32/fp16 weights only (choose quant=None or 'fp16')")
+        if quant not in QUANT_DTYPES:
+            raise LingliError(f"unknown quant {quant!r}; choose one of None, 'fp32', 'fp16', "
+                              "'int8', 'int4', 'int3'")
+        if backend == "cpu":
+            from .backend_cpu import CpuBackend
+            self.backend = CpuBackend(num_threads)
+        elif backend == "triton":
+            raise LingliError("backend='triton' is not available yet in this build; use 'cpu'")
+        else:
+            raise LingliError(f"unknown backend {backend!r}; choose 'cpu' or 'triton'")
+
+        self.path = Path(resolve_model(str(model)))
+        self.config = ModelConfig.from_dir(self.path)
+        self.tokenizer = _load_tokenizer(self.path)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        if self.max_model_len < 1:
+            raise LingliError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        weights = load_weights(self.path, self.config, QUANT_DTYPES[quant])
+        self.model = LlamaModel(self.config, weights, self.backend, self.max_model_len)
+        num_blocks = -(-self.max_model_len // block_size)
+        self.cache = PagedKVCache(self.config.num_layers, num_blocks, block_size,
+                                  self.config.num_kv_heads, self.config.head_dim)
+        # Logits past the tokenizer's pieces are checkpoint padding: never sampled.
+        self.sample_vocab = min(self.tokenizer.vocab_size, self.config.vocab_size) \
+            if self.tokenizer else self.config.vocab_size
+
+    # ------------------------------------------------------------------ API
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Complete each prompt (a str or a list of token ids); returns one output per prompt."""
+        if isinstance(prompts, str) or (_is_id_list(prompts)):
+            prompts = [prompts]
+        outs = []
+        for prompt in prompts:
+            out = RequestOutput(prompt_token_ids=[])
+            for _ in self._run(prompt, params or SamplingParams(), out):
+                pass
+            outs.append(out)
+        return outs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               output: RequestOutput | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decided; never a broken character.
+
+        Pass `output` to receive token ids and the finish reason as well.
+        """
+        out = output if output is not None else RequestOutput(prompt_token_ids=[])
+        for piece in self._run(prompt, params or SamplingParams(), out):
+            if piece:
+                yield piece
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: the logits after each position."""
+        ids = self._check_ids(list(token_ids), max_new=0)
+        seq = SequenceKV()
+        try:
+            self.cache.reserve(seq, len(ids))
+            chunks = [self._forward(ids[s:s + PREFILL_CHUNK], s, seq, all_logits=True)
+                      for s in range(0, len(ids), PREFILL_CHUNK)]
+        finally:
+            self.cache.release(seq)
+        return np.concatenate(chunks)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LingliError(f"{self.path} has no tokenizer (tokenizer.model or "
+                                  "tokenizer.json); pass prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    # ------------------------------------------------------------ internals
+    def _check_ids(self, ids: list[int], max_new: int) -> list[int]:
+        if not ids:
+            raise LingliError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not isinstance(t, (int, np.integer))
+               or t < 0 or t >= self.config.vocab_size]
+        if bad:
+            raise LingliError(f"token id {bad[0]!r} is not in the vocabulary "
+                              f"[0, {self.config.vocab_size})")
+        if len(ids) > self.max_model_len - (1 if max_new else 0):
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the context window is "
+                f"{self.max_model_len} tokens" + (" (and at least one must be generated)"
+                                                  if max_new else ""))
+        return [int(t) for t in ids]
+
+    def _forward(self, ids: Sequence[int], start: int, seq: SequenceKV,
+                 all_logits: bool = False) -> np.ndarray:
+        tokens = np.asarray(ids, dtype=np.int64)
+        positions = np.arange(start, start + len(ids), dtype=np.int32)
+        return self.model.forward(tokens, positions, self.cache, seq, all_logits=all_logits)
+
+    def _run(self, prompt: Prompt, params: SamplingParams, out: RequestOutput) -> Iterator[str]:
+        ids = self._check_ids(self.encode_prompt(prompt), max_new=params.max_tokens)
+        out.prompt_token_ids = ids
+        sampler = Sampler(params, vocab_size=self.sample_vocab)
+        eos = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
+        detok = IncrementalDecoder(self.tokenizer, stop=params.stop or []) \
+            if self.tokenizer else None
+        seq = SequenceKV()
+        try:
+            self.cache.reserve(seq, len(ids))
+            for s in range(0, len(ids), PREFILL_CHUNK):
+                logits = self._forward(ids[s:s + PREFILL_CHUNK], s, seq)
+            pos = len(ids)
+            while True:
+                token = sampler.sample(logits[-1], ids, out.token_ids)
+                out.token_ids.append(token)
+                if sampler.is_stop_token(token, eos):
+                    out.finish_reason = "stop"
+                    break
+                if detok is not None:
+                    piece = detok.push(token)
+                    out.text += piece
+                    yield piece
+                    if detok.stopped:
+                        out.finish_reason = "stop"
+                        break
+                # The sampled token sits at `pos`; the sequence may not outgrow the context window.
+                if len(out.token_ids) >= params.max_tokens or pos + 1 >= self.max_model_len:
+                    out.finish_reason = "length"
+                    break
+                self.cache.reserve(seq, pos + 1)
+                logits = self._forward([token], pos, seq)
+                pos += 1
+            if detok is not None and not detok.stopped:
+                tail = detok.flush()
+                out.text += tail
+                yield tail
+        finally:
+            self.cache.release(seq)
+
+
+def _is_id_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(t, (int, np.integer)) for t in x)
+
+
+def _config_eos(config: ModelConfig) -> list[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _load_tokenizer(path: Path):
+    from .tokenizer import Tokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
+        return None  # e.g. a bare transformers save_pretrained(); token-id prompts still work
+    return Tokenizer.from_dir(path)

@@ -1,0 +1,118 @@
+"""The LLaMA forward pass, readable top to bottom (llama2.c / gpt-fast style).
+
+    x = embed(tokens)
+    for each layer:
+        h = rms_norm(x);  q, k, v = h @ Wqkv;  rope(q, k);  cache <- k, v
+        x = x + attention(q, cache) @ Wo
+        h = rms_norm(x);  x = x + (silu(h @ Wg) * (h @ Wu)) @ Wd
+    logits = rms_norm(x) @ Wlm
+
+Weights arrive with Hugging Face names and layout ([out, in]). At load time
+q/k/v and gate/up are concatenated so each is one matrix product per layer:
+fewer, larger calls keep the threads busy on small models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .kv_cache import PagedKVCache, SequenceKV
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    wqkv: np.ndarray            # [(Hq + 2 Hkv) * Dh, H]
+    bqkv: np.ndarray | None
+    wo: np.ndarray              # [H, Hq * Dh]
+    bo: np.ndarray | None
+    mlp_norm: np.ndarray
+    w_gate_up: np.ndarray       # [2 F, H]
+    w_down: np.ndarray          # [H, F]
+
+
+def rope_tables(config: ModelConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, Dh/2] as Hugging Face computes them (linear scaling divides t)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    t = np.arange(max_positions, dtype=np.float64) / config.rope_scaling_factor
+    angles = np.outer(t, inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], backend,
+                 max_positions: int) -> None:
+        self.config = config
+        self.backend = backend
+        be = backend
+        self.embed = weights["model.embed_tokens.weight"]
+        lm_head = weights.get("lm_head.weight")
+        if lm_head is None or config.tie_word_embeddings:
+            lm_head = self.embed
+        self.lm_head = be.weight(lm_head)
+        self.final_norm = be.vector(weights["model.norm.weight"])
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            w = lambda name: weights[p + name]  # noqa: E731
+            wqkv = np.concatenate([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                                   w("self_attn.v_proj.weight")])
+            bqkv = None
+            if config.attention_bias:
+                bqkv = be.vector(np.concatenate([w("self_attn.q_proj.bias"),
+                                                 w("self_attn.k_proj.bias"),
+                                                 w("self_attn.v_proj.bias")]))
+            self.layers.append(LayerWeights(
+                attn_norm=be.vector(w("input_layernorm.weight")),
+                wqkv=be.weight(wqkv),
+                bqkv=bqkv,
+                wo=be.weight(w("self_attn.o_proj.weight")),
+                bo=be.vector(w("self_attn.o_proj.bias")) if config.attention_bias else None,
+                mlp_norm=be.vector(w("post_attention_layernorm.weight")),
+                w_gate_up=be.weight(np.concatenate([w("mlp.gate_proj.weight"),
+                                                    w("mlp.up_proj.weight")])),
+                w_down=be.weight(w("mlp.down_proj.weight")),
+            ))
+        self.cos, self.sin = rope_tables(config, max_positions)
+        self.scale = config.head_dim ** -0.5
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (embedding row aside): the bandwidth bound."""
+        total = self.lm_head.nbytes + self.final_norm.nbytes
+        for layer in self.layers:
+            total += sum(a.nbytes for a in (layer.attn_norm, layer.wqkv, layer.wo,
+                                            layer.mlp_norm, layer.w_gate_up, layer.w_down))
+        return total
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, cache: PagedKVCache,
+                seq: SequenceKV, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at `positions` (blocks reserved in `seq`); logits [T or 1, vocab]."""
+        cfg, be = self.config, self.backend
+        T = len(tokens)
+        hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        x = be.embedding(self.embed, tokens)                                  # [T, H]
+        for i, lw in enumerate(self.layers):
+            h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+            qkv = be.linear(h, lw.wqkv, lw.bqkv)                              # [T, (hq+2hkv)dh]
+            q = np.ascontiguousarray(qkv[:, :hq * dh]).reshape(T, hq, dh)
+            k = np.ascontiguousarray(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
+            v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
+            be.rope_(q, positions, self.cos, self.sin, cfg.rope_interleaved)
+            be.rope_(k, positions, self.cos, self.sin, cfg.rope_interleaved)
+            cache.write(i, seq, positions, k, v)
+            attn = be.attention(q, cache, i, seq, positions, self.scale)       # [T, hq, dh]
+            x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
+            h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+            gate_up = be.linear(h, lw.w_gate_up)                               # [T, 2F]
+            f = gate_up.shape[1] // 2
+            act = be.silu_mul(np.ascontiguousarray(gate_up[:, :f]),
+                              np.ascontiguousarray(gate_up[:, f:]))
+            x += be.linear(act, lw.w_down)
+        if not all_logits:
+            x = x[-1:]
+        x = be.rms_norm(np.ascontiguousarray(x), self.final_norm, cfg.rms_norm_eps)
+        return be.linear(x, self.lm_head)

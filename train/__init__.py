@@ -1,0 +1,1 @@
+"""Training module (issue: training). Empty until the trainer lands."""
