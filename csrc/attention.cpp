@@ -18,6 +18,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "simd.h"  // before <immintrin.h>: holds the GCC 12 warning workaround
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -60,13 +61,6 @@ const AttnKernels kPlain = {scores_plain, accum_plain};
 
 #if defined(__x86_64__)
 // ----------------------------------------------------------------- AVX2 ---
-
-LINGLI_TARGET_AVX2 inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 // Head dims are small (64-128): two accumulators are enough.
 LINGLI_TARGET_AVX2 void scores_avx2(const float* q, const float* k, int64_t n, int64_t Dh,
@@ -118,7 +112,7 @@ LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t 
                                              : static_cast<__mmask16>((1u << (Dh - d)) - 1u);
             a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kr + d), a0);
         }
-        s[j] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        s[j] = scale * hsum512(_mm512_add_ps(a0, a1));
     }
 }
 

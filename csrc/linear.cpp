@@ -12,6 +12,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "simd.h"  // before <immintrin.h>: holds the GCC 12 warning workaround
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -83,13 +84,6 @@ const LinearKernels kPlain = {dot_f32_plain, dot_f16_plain, dot4_f32_plain, half
 
 #if defined(__x86_64__)
 // ----------------------------------------------------------------- AVX2 ---
-
-LINGLI_TARGET_AVX2 inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 LINGLI_TARGET_AVX2 inline __m256 load_half8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -204,7 +198,7 @@ LINGLI_TARGET_AVX512 float dot_f32_avx512(const float* x, const float* w, int64_
         const __mmask16 m = tail_mask(K - k);
         a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, w + k), a1);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 LINGLI_TARGET_AVX512 float dot_f16_avx512(const float* x, const uint16_t* w, int64_t K) {
@@ -217,7 +211,7 @@ LINGLI_TARGET_AVX512 float dot_f16_avx512(const float* x, const uint16_t* w, int
         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), load_half16(w + k + 48), a3);
     }
     for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load_half16(w + k), a0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     // Masked 16-bit loads need AVX-512BW; a scalar tail of < 16 is cheap.
     for (; k < K; ++k) s += x[k] * half_to_float(w[k]);
     return s;
@@ -247,10 +241,10 @@ LINGLI_TARGET_AVX512 void dot4_f32_avx512(const float* x, const float* w, int64_
         a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x2 + k), wa, a2);
         a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x3 + k), wa, a3);
     }
-    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
-    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
-    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
-    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+    out[0] = hsum512(_mm512_add_ps(a0, b0));
+    out[1] = hsum512(_mm512_add_ps(a1, b1));
+    out[2] = hsum512(_mm512_add_ps(a2, b2));
+    out[3] = hsum512(_mm512_add_ps(a3, b3));
 }
 
 LINGLI_TARGET_AVX512 void half_to_f32_avx512(const uint16_t* src, float* dst, int64_t K) {

@@ -12,6 +12,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "simd.h"  // before <immintrin.h>: holds the GCC 12 warning workaround
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -64,7 +65,7 @@ LINGLI_TARGET_AVX512 float sum_avx512(const float* p, int64_t n) {
         a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
         a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
     }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     for (; i < n; ++i) s += p[i];
     return s;
 }

@@ -222,6 +222,21 @@ class ModelConfig:
         if qc is not None and not isinstance(qc, dict):
             raise ConfigError(f"{src}: field 'quantization_config' must be an object, got {qc!r}")
 
+        # transformers >= 5 writes RoPE settings as one `rope_parameters` object
+        # (rope_theta, rope_type, factor); older configs use rope_theta + rope_scaling.
+        rp = d.get("rope_parameters")
+        if rp is not None:
+            if not isinstance(rp, dict):
+                raise ConfigError(f"{src}: field 'rope_parameters' must be an object, got {rp!r}")
+            theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+            if not _is_num(theta) or theta <= 0:
+                raise ConfigError(f"{src}: field 'rope_parameters.rope_theta' must be a positive "
+                                  f"number, got {theta!r}")
+            rope_theta = float(theta)
+            rope_factor = _rope_scaling_factor(rp, src, field="rope_parameters")
+        else:
+            rope_theta = opt_num("rope_theta", 10000.0)
+            rope_factor = _rope_scaling_factor(d.get("rope_scaling"), src)
         cfg_kwargs = dict(
             arch=arch,
             vocab_size=vocab_size,
@@ -233,8 +248,8 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=max_pos,
             rms_norm_eps=opt_num("rms_norm_eps", 1e-6),
-            rope_theta=opt_num("rope_theta", 10000.0),
-            rope_scaling_factor=_rope_scaling_factor(d.get("rope_scaling"), src),
+            rope_theta=rope_theta,
+            rope_scaling_factor=rope_factor,
             rope_interleaved=opt_bool("rope_interleaved", False),
             tie_word_embeddings=opt_bool("tie_word_embeddings", False),
             attention_bias=opt_bool("attention_bias", False),
@@ -350,18 +365,20 @@ def _detect_arch(d: dict, src: str) -> str:
                       f"cannot tell which model this is")
 
 
-def _rope_scaling_factor(rs: Any, src: str) -> float:
+def _rope_scaling_factor(rs: Any, src: str, field: str = "rope_scaling") -> float:
     if rs is None:
         return 1.0
     if not isinstance(rs, dict):
-        raise ConfigError(f"{src}: field 'rope_scaling' must be an object or null, got {rs!r}")
+        raise ConfigError(f"{src}: field '{field}' must be an object or null, got {rs!r}")
     kind = rs.get("rope_type", rs.get("type"))
+    if kind in ("default", None) and field == "rope_parameters":
+        return 1.0
     if kind == "default":
         return 1.0
     if kind != "linear":
-        raise ConfigError(f"{src}: field 'rope_scaling' type {kind!r} is unsupported "
+        raise ConfigError(f"{src}: field '{field}' type {kind!r} is unsupported "
                           f"(Lingli supports only 'linear' RoPE scaling)")
     f = rs.get("factor")
     if not _is_num(f) or f <= 0:
-        raise ConfigError(f"{src}: field 'rope_scaling.factor' must be a positive number, got {f!r}")
+        raise ConfigError(f"{src}: field '{field}.factor' must be a positive number, got {f!r}")
     return float(f)

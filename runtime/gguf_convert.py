@@ -92,7 +92,7 @@ def _open_gguf(path: Path):
     try:
         reader = GGUFReader(str(path), "r")
     except Exception as e:  # bad magic, truncated header, offsets past the end ...
-        raise CheckpointError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a valid GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
     return reader
 
 
@@ -156,7 +156,8 @@ class _Meta:
         if v is None:
             return default
         try:
-            return float(v)
+            # GGUF stores float32: keep its shortest decimal form (1e-05, not 9.99999974e-06)
+            return float(str(np.float32(v))) if isinstance(v, float) else float(v)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: metadata field {key!r} = {v!r} is not a number") from e
 

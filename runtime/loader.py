@@ -167,7 +167,8 @@ def _convert(name: str, st_dtype: str, f: SafetensorsFile, want_dtype: str | Non
     arr = f.get(name)  # F32/F16/F64: mmap view; BF16: float32 copy
     if arr.dtype == target:
         return arr
-    out = arr.astype(target)
+    with np.errstate(over="ignore"):
+        out = arr.astype(target)
     if target == np.float16:
         bad = np.isinf(out)
         if bad.any() and not np.isinf(arr[bad]).all():

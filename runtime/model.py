@@ -30,7 +30,9 @@ class LayerWeights:
     bo: np.ndarray | None
     mlp_norm: np.ndarray
     w_gate_up: np.ndarray       # [2 F, H]
+    b_gate_up: np.ndarray | None
     w_down: np.ndarray          # [H, F]
+    b_down: np.ndarray | None
 
 
 def rope_tables(config: ModelConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +76,11 @@ class LlamaModel:
                 mlp_norm=be.vector(w("post_attention_layernorm.weight")),
                 w_gate_up=be.weight(np.concatenate([w("mlp.gate_proj.weight"),
                                                     w("mlp.up_proj.weight")])),
+                b_gate_up=be.vector(np.concatenate([w("mlp.gate_proj.bias"),
+                                                    w("mlp.up_proj.bias")]))
+                if config.mlp_bias else None,
                 w_down=be.weight(w("mlp.down_proj.weight")),
+                b_down=be.vector(w("mlp.down_proj.bias")) if config.mlp_bias else None,
             ))
         self.cos, self.sin = rope_tables(config, max_positions)
         self.scale = config.head_dim ** -0.5
@@ -107,11 +113,11 @@ class LlamaModel:
             attn = be.attention(q, cache, i, seq, positions, self.scale)       # [T, hq, dh]
             x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
             h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            gate_up = be.linear(h, lw.w_gate_up)                               # [T, 2F]
+            gate_up = be.linear(h, lw.w_gate_up, lw.b_gate_up)                              # [T, 2F]
             f = gate_up.shape[1] // 2
             act = be.silu_mul(np.ascontiguousarray(gate_up[:, :f]),
                               np.ascontiguousarray(gate_up[:, f:]))
-            x += be.linear(act, lw.w_down)
+            x += be.linear(act, lw.w_down, lw.b_down)
         if not all_logits:
             x = x[-1:]
         x = be.rms_norm(np.ascontiguousarray(x), self.final_norm, cfg.rms_norm_eps)

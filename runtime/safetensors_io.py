@@ -73,14 +73,16 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 BF16 bit patterns, round to nearest even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    shape = x.shape
+    x = np.ascontiguousarray(x).reshape(-1)
     u = x.view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
                >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
-    return rounded
+    return rounded.reshape(shape)
 
 
 class SafetensorsFile:
@@ -328,7 +330,9 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                 raise TypeError(f"tensor {name!r}: numpy dtype {a.dtype} cannot be stored "
                                 f"in safetensors by Lingli")
             data = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        prepared.append((name, st, np.ascontiguousarray(data)))
+        if not data.flags.c_contiguous:
+            data = data.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+        prepared.append((name, st, data))
 
     # Like the reference writer: larger items first (keeps every tensor aligned), then by name.
     prepared.sort(key=lambda t: (-t[2].dtype.itemsize, t[0]))

@@ -7,6 +7,12 @@
 - ``build_bytelevel_bpe_dir(path)``: trains a tiny byte-level BPE
   ``tokenizer.json`` with the ``tokenizers`` library (ChatML special tokens)
   plus a ``tokenizer_config.json`` that carries a ChatML chat template.
+- ``build_llama_tokenizer_json_dir(path, sp_dir)``: converts the sentencepiece
+  model into a LLaMA-style ``tokenizer.json`` (byte-fallback BPE, decoder
+  Replace/ByteFallback/Fuse/Strip), as transformers' converter does.
+
+Session-scoped pytest fixtures (import them into a test module):
+``sp_dir``/``sp_tok``, ``bpe_dir``/``bpe_tok``, ``llama_json_dir``/``llama_json_tok``.
 
 Both are deterministic for a given seed.
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+import pytest
 
 # Frequent characters: these end up in the vocabulary.
 COMMON_ZH = (
@@ -151,3 +159,80 @@ def build_bytelevel_bpe_dir(path: Path, vocab_size: int = 600, seed: int = 0) ->
         json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}), encoding="utf-8"
     )
     return path
+
+
+def build_llama_tokenizer_json_dir(path: Path, sp_dir: Path) -> Path:
+    """A LLaMA-style tokenizer.json made from ``sp_dir/tokenizer.model``."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(sp_dir) / "tokenizer.model"))
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    merges = []
+    for piece, pid in vocab.items():
+        if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid):
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    merges.sort()
+    tk = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(m[3], m[4]) for m in merges],
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}), encoding="utf-8"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory) -> Path:
+    return build_sentencepiece_dir(tmp_path_factory.mktemp("sp_tok"))
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory) -> Path:
+    return build_bytelevel_bpe_dir(tmp_path_factory.mktemp("bpe_tok"))
+
+
+@pytest.fixture(scope="session")
+def llama_json_dir(tmp_path_factory, sp_dir) -> Path:
+    return build_llama_tokenizer_json_dir(tmp_path_factory.mktemp("llama_json_tok"), sp_dir)
+
+
+@pytest.fixture(scope="session")
+def sp_tok(sp_dir):
+    from runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(sp_dir)
+
+
+@pytest.fixture(scope="session")
+def bpe_tok(bpe_dir):
+    from runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(bpe_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_json_tok(llama_json_dir):
+    from runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(llama_json_dir)

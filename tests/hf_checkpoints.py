@@ -16,7 +16,7 @@ CONFIGS: dict[str, dict] = {
     "rope_linear_bias": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
                              intermediate_size=200, vocab_size=777, rope_theta=500000.0,
                              rope_scaling={"type": "linear", "factor": 2.0},
-                             attention_bias=True),
+                             attention_bias=True, mlp_bias=True),
 }
 
 

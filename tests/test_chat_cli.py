@@ -27,12 +27,12 @@ def llm(model_dir):
 
 def test_history_trimmed_by_tokens_keeps_system_and_newest(llm):
     s = ChatSession(llm, SamplingParams(max_tokens=8), system="be brief",
-                    max_history_tokens=60)
+                    max_history_tokens=160)
     for i in range(6):
         s.turns += [{"role": "user", "content": f"question {i} apple banana"},
                     {"role": "assistant", "content": f"answer {i} river mountain"}]
     turns, ids = s.trimmed(s.turns + [{"role": "user", "content": "last one"}])
-    assert len(ids) <= 60
+    assert len(ids) <= 160
     assert turns[-1]["content"] == "last one" and turns[0]["role"] == "user"
     assert 1 < len(turns) < 13
     # Exactly the newest turns survive, in order.

@@ -320,3 +320,19 @@ def test_weight_shapes_match_transformers():
         if c.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         assert sd == c.weight_shapes(), extra
+
+
+def test_rope_parameters_transformers5_form():
+    """transformers >= 5 writes rope_theta / scaling inside one `rope_parameters` object."""
+    from runtime.config import ModelConfig as MC
+    from runtime.errors import ConfigError as CE
+
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    c = MC.from_dict(dict(base, rope_parameters={"rope_theta": 5e5, "rope_type": "default"}))
+    assert c.rope_theta == 5e5 and c.rope_scaling_factor == 1.0
+    c = MC.from_dict(dict(base, rope_parameters={"rope_theta": 1e4, "rope_type": "linear",
+                                                 "factor": 4.0}))
+    assert c.rope_scaling_factor == 4.0
+    with pytest.raises(CE, match="rope_parameters.*yarn"):
+        MC.from_dict(dict(base, rope_parameters={"rope_type": "yarn", "factor": 2.0}))

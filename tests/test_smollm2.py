@@ -25,7 +25,7 @@ def hf_model(smollm2_dir):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.LlamaForCausalLM.from_pretrained(
-        smollm2_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        smollm2_dir, dtype=torch.float32, attn_implementation="eager").eval()
     return model
 
 

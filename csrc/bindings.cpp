@@ -1,0 +1,323 @@
+// Python bindings of the CPU kernels: module runtime._C.
+//
+// Every argument is validated here (dtype, rank, shape, C-contiguity, index
+// ranges) and reported as ValueError naming the argument, the expected and
+// the actual shape; only then is the GIL released and the plain-C kernel in
+// ops.h called. Arrays are never silently converted: a float64 or strided
+// array is an error, not a hidden copy.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ops.h"
+
+namespace py = pybind11;
+using lingli::Isa;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+    std::ostringstream os;
+    os << "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        if (i) os << ", ";
+        os << a.shape(i);
+    }
+    if (a.ndim() == 1) os << ",";
+    os << ")";
+    return os.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+// `what` is e.g. "linear: x"; `dims` the expected shape for messages, e.g. "[M, K]".
+void check_array(const py::array& a, const std::string& what, py::ssize_t ndim,
+                 const std::string& dims) {
+    if (a.ndim() != ndim)
+        fail(what + " must be " + std::to_string(ndim) + "-D " + dims + ", got shape " +
+             shape_str(a));
+    if (!(a.flags() & py::array::c_style))
+        fail(what + " must be C-contiguous (shape " + shape_str(a) +
+             "); pass numpy.ascontiguousarray(...)");
+}
+
+void check_dtype(const py::array& a, const std::string& what, const py::dtype& dt,
+                 const char* name) {
+    if (!a.dtype().is(dt))
+        fail(what + " must be " + name + ", got " + std::string(py::str(a.dtype())));
+}
+
+void check_f32(const py::array& a, const std::string& what, py::ssize_t ndim, const std::string& dims) {
+    check_dtype(a, what, py::dtype::of<float>(), "float32");
+    check_array(a, what, ndim, dims);
+}
+
+void check_i32(const py::array& a, const std::string& what, py::ssize_t ndim, const std::string& dims) {
+    check_dtype(a, what, py::dtype::of<int32_t>(), "int32");
+    check_array(a, what, ndim, dims);
+}
+
+void check_writeable(const py::array& a, const std::string& what) {
+    if (!a.writeable()) fail(what + " must be writeable (it is modified in place)");
+}
+
+// Expected dims rendered as "[a, b]" for error messages.
+std::string dims_str(std::initializer_list<py::ssize_t> d) {
+    std::ostringstream os;
+    os << "[";
+    bool first = true;
+    for (auto v : d) {
+        if (!first) os << ", ";
+        os << v;
+        first = false;
+    }
+    os << "]";
+    return os.str();
+}
+
+void check_shape(const py::array& a, const std::string& what, std::initializer_list<py::ssize_t> d,
+                 const std::string& why) {
+    py::ssize_t i = 0;
+    for (auto v : d) {
+        if (a.shape(i) != v)
+            fail(what + " has shape " + shape_str(a) + ", expected " + dims_str(d) + " " + why);
+        ++i;
+    }
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+    const char* a0 = static_cast<const char*>(a.data());
+    const char* b0 = static_cast<const char*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+py::array_t<float> new_f32(std::vector<py::ssize_t> shape) { return py::array_t<float>(shape); }
+
+// ------------------------------------------------------------------- ops --
+
+py::array linear(const py::array& x, const py::array& w, const py::object& out_obj) {
+    check_f32(x, "linear: x", 2, "[M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1);
+    const bool half = w.dtype().kind() == 'f' && w.dtype().itemsize() == 2;
+    if (!half && !w.dtype().is(py::dtype::of<float>()))
+        fail("linear: w must be float32 or float16, got " + std::string(py::str(w.dtype())));
+    check_array(w, "linear: w", 2, "[N, K]");
+    const py::ssize_t N = w.shape(0);
+    check_shape(w, "linear: w", {N, K}, "(K=" + std::to_string(K) + " from x)");
+
+    py::array out;
+    if (out_obj.is_none()) {
+        out = new_f32({M, N});
+    } else {
+        if (!py::isinstance<py::array>(out_obj))
+            fail("linear: out must be a numpy float32 array of shape " + dims_str({M, N}));
+        out = py::reinterpret_borrow<py::array>(out_obj);
+        check_f32(out, "linear: out", 2, "[M, N]");
+        check_shape(out, "linear: out", {M, N}, "(M from x, N from w)");
+        check_writeable(out, "linear: out");
+        if (overlaps(out, x) || overlaps(out, w)) fail("linear: out must not overlap x or w");
+    }
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(out.mutable_data());
+    {
+        py::gil_scoped_release nogil;
+        if (half)
+            lingli::linear_f16(xp, static_cast<const uint16_t*>(w.data()), yp, M, N, K);
+        else
+            lingli::linear_f32(xp, static_cast<const float*>(w.data()), yp, M, N, K);
+    }
+    return out;
+}
+
+py::array rms_norm(const py::array& x, const py::array& weight, double eps) {
+    check_f32(x, "rms_norm: x", 2, "[M, D]");
+    check_f32(weight, "rms_norm: weight", 1, "[D]");
+    const py::ssize_t M = x.shape(0), D = x.shape(1);
+    check_shape(weight, "rms_norm: weight", {D}, "(D from x)");
+    if (!(eps >= 0)) fail("rms_norm: eps must be >= 0, got " + std::to_string(eps));
+    auto y = new_f32({M, D});
+    const float* xp = static_cast<const float*>(x.data());
+    const float* wp = static_cast<const float*>(weight.data());
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        lingli::rms_norm(xp, wp, yp, M, D, static_cast<float>(eps));
+    }
+    return y;
+}
+
+void rope_(py::array x, const py::array& positions, const py::array& cos,
+           const py::array& sin, bool interleaved) {
+    check_f32(x, "rope_: x", 3, "[T, H, Dh]");
+    check_writeable(x, "rope_: x");
+    check_i32(positions, "rope_: positions", 1, "[T]");
+    check_f32(cos, "rope_: cos", 2, "[P, R/2]");
+    check_f32(sin, "rope_: sin", 2, "[P, R/2]");
+    const py::ssize_t T = x.shape(0), H = x.shape(1), Dh = x.shape(2);
+    const py::ssize_t P = cos.shape(0), half = cos.shape(1);
+    check_shape(positions, "rope_: positions", {T}, "(T from x)");
+    check_shape(sin, "rope_: sin", {P, half}, "(same as cos)");
+    if (2 * half > Dh)
+        fail("rope_: rotary dim R = 2*cos.shape[1] = " + std::to_string(2 * half) +
+             " exceeds head dim Dh = " + std::to_string(Dh) + " of x " + shape_str(x));
+    const int32_t* pos = static_cast<const int32_t*>(positions.data());
+    for (py::ssize_t t = 0; t < T; ++t)
+        if (pos[t] < 0 || pos[t] >= P)
+            fail("rope_: positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
+                 " is out of range [0, " + std::to_string(P) + ") of the cos/sin tables");
+    float* xp = static_cast<float*>(x.mutable_data());
+    const float* cp = static_cast<const float*>(cos.data());
+    const float* sp = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    lingli::rope(xp, pos, cp, sp, T, H, Dh, half, interleaved);
+}
+
+py::array silu_mul(const py::array& gate, const py::array& up) {
+    check_f32(gate, "silu_mul: gate", 2, "[M, F]");
+    check_f32(up, "silu_mul: up", 2, "[M, F]");
+    const py::ssize_t M = gate.shape(0), F = gate.shape(1);
+    check_shape(up, "silu_mul: up", {M, F}, "(same as gate)");
+    auto out = new_f32({M, F});
+    const float* gp = static_cast<const float*>(gate.data());
+    const float* upp = static_cast<const float*>(up.data());
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        lingli::silu_mul(gp, upp, op, M, F);
+    }
+    return out;
+}
+
+void softmax_(py::array x) {
+    check_f32(x, "softmax_: x", 2, "[M, N]");
+    check_writeable(x, "softmax_: x");
+    float* xp = static_cast<float*>(x.mutable_data());
+    const py::ssize_t M = x.shape(0), N = x.shape(1);
+    py::gil_scoped_release nogil;
+    lingli::softmax(xp, M, N);
+}
+
+py::array paged_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                          const py::array& block_table, const py::array& q_positions,
+                          double scale) {
+    check_f32(q, "paged_attention: q", 3, "[T, Hq, Dh]");
+    check_f32(k_cache, "paged_attention: k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    check_f32(v_cache, "paged_attention: v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    check_i32(block_table, "paged_attention: block_table", 1, "[nb]");
+    check_i32(q_positions, "paged_attention: q_positions", 1, "[T]");
+    const py::ssize_t T = q.shape(0), Hq = q.shape(1), Dh = q.shape(2);
+    const py::ssize_t NB = k_cache.shape(0), Hkv = k_cache.shape(1), BS = k_cache.shape(2);
+    check_shape(k_cache, "paged_attention: k_cache", {NB, Hkv, BS, Dh}, "(Dh from q)");
+    check_shape(v_cache, "paged_attention: v_cache", {NB, Hkv, BS, Dh}, "(same as k_cache)");
+    check_shape(q_positions, "paged_attention: q_positions", {T}, "(T from q)");
+    if (Hkv == 0 || Hq % Hkv != 0)
+        fail("paged_attention: query heads Hq = " + std::to_string(Hq) +
+             " must be a multiple of kv heads Hkv = " + std::to_string(Hkv));
+    if (BS == 0) fail("paged_attention: block_size (k_cache.shape[2]) must be > 0");
+
+    const int32_t* qpos = static_cast<const int32_t*>(q_positions.data());
+    const int32_t* table = static_cast<const int32_t*>(block_table.data());
+    const py::ssize_t nb = block_table.shape(0);
+    int64_t max_pos = -1;
+    for (py::ssize_t t = 0; t < T; ++t) {
+        if (qpos[t] < 0)
+            fail("paged_attention: q_positions[" + std::to_string(t) + "] = " +
+                 std::to_string(qpos[t]) + " is negative");
+        max_pos = std::max<int64_t>(max_pos, qpos[t]);
+    }
+    // Every block a query reads must be in the table and name a real block.
+    const int64_t needed = max_pos < 0 ? 0 : max_pos / BS + 1;
+    if (needed > nb)
+        fail("paged_attention: position " + std::to_string(max_pos) + " needs block_table[" +
+             std::to_string(needed - 1) + "] but block_table has only " + std::to_string(nb) +
+             " entries (block_size " + std::to_string(BS) + ")");
+    for (int64_t i = 0; i < needed; ++i)
+        if (table[i] < 0 || table[i] >= NB)
+            fail("paged_attention: block_table[" + std::to_string(i) + "] = " +
+                 std::to_string(table[i]) + " is out of range [0, " + std::to_string(NB) +
+                 ") of the cache blocks");
+
+    auto out = new_f32({T, Hq, Dh});
+    const float* qp = static_cast<const float*>(q.data());
+    const float* kp = static_cast<const float*>(k_cache.data());
+    const float* vp = static_cast<const float*>(v_cache.data());
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        lingli::paged_attention(qp, kp, vp, table, qpos, op, T, Hq, Hkv, Dh, BS,
+                                static_cast<float>(scale));
+    }
+    return out;
+}
+
+// ------------------------------------------------------------ dispatch ----
+
+Isa parse_isa(const std::string& name, const char* source) {
+    Isa isa;
+    if (!lingli::isa_from_name(name, &isa))
+        fail(std::string(source) + ": unknown ISA '" + name +
+             "' (expected one of plain, neon, avx2, avx512)");
+    if (!lingli::cpu_has(isa)) {
+        std::string avail;
+        for (Isa a : lingli::available_isas()) avail += std::string(avail.empty() ? "" : ", ") + lingli::isa_name(a);
+        fail(std::string(source) + ": ISA '" + name + "' is not supported by this CPU (available: " +
+             avail + ")");
+    }
+    return isa;
+}
+
+std::vector<std::string> available_isa_names() {
+    std::vector<std::string> out;
+    for (Isa a : lingli::available_isas()) out.push_back(lingli::isa_name(a));
+    return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "Lingli CPU kernels (float32 activations; float32 or float16 weights).";
+
+    // LINGLI_ISA forces a path at import; a bad value makes the import fail
+    // with the message below rather than silently using another path.
+    if (const char* env = std::getenv("LINGLI_ISA"); env && *env)
+        lingli::set_isa(parse_isa(env, "LINGLI_ISA"));
+
+    m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
+          "y[M,N] = x[M,K] @ w[N,K].T; w float32 or float16; writes into `out` if given.");
+    m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+          "y = x / sqrt(mean(x^2, -1) + eps) * weight for x[M,D], weight[D].");
+    m.def("rope_", &rope_, py::arg("x"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
+          py::arg("interleaved"),
+          "In-place rotary embedding of x[T,H,Dh] with cos/sin[P,R/2]; "
+          "interleaved=False pairs (i, i+R/2), True pairs (2i, 2i+1).");
+    m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), "silu(gate) * up");
+    m.def("softmax_", &softmax_, py::arg("x"), "In-place stable softmax over rows of x[M,N].");
+    m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("block_table"), py::arg("q_positions"), py::arg("scale"),
+          "Causal attention of q[T,Hq,Dh] over a paged cache [num_blocks,Hkv,block_size,Dh].");
+
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) fail("set_num_threads: n must be >= 1, got " + std::to_string(n));
+        lingli::set_num_threads(n);
+    }, py::arg("n"));
+    m.def("get_num_threads", &lingli::num_threads);
+    m.def("isa", [] { return std::string(lingli::isa_name(lingli::current_isa())); },
+          "The SIMD path in use: avx512, avx2, neon or plain.");
+    m.def("set_isa", [](const std::string& name) { lingli::set_isa(parse_isa(name, "set_isa")); },
+          py::arg("name"));
+    m.def("available_isas", &available_isa_names);
+    m.def("read_bandwidth", [](int64_t nbytes, int repeats) {
+        if (nbytes < 64) fail("read_bandwidth: nbytes must be >= 64, got " + std::to_string(nbytes));
+        if (repeats < 1) fail("read_bandwidth: repeats must be >= 1, got " + std::to_string(repeats));
+        py::gil_scoped_release nogil;
+        return lingli::read_bandwidth(nbytes, repeats);
+    }, py::arg("nbytes") = int64_t(512) << 20, py::arg("repeats") = 5,
+       "Best-of-`repeats` threaded read bandwidth over `nbytes` of floats, in GB/s.");
+}

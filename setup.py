@@ -1,0 +1,41 @@
+"""Build of the Lingli package and its C++ CPU kernels (runtime._C).
+
+No -march/-mavx2 flags: SIMD variants use function-level target attributes
+and are chosen at run time, so one binary runs on any x86-64 (and the same
+sources build for aarch64 with NEON).
+"""
+
+import glob
+import os
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()  # compile csrc files in parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+ext_modules = [
+    Pybind11Extension(
+        "runtime._C",
+        sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp"))),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+setup(
+    name="lingli",
+    version="0.1.0",
+    description="Lingli: a small LLM inference runtime",
+    packages=find_packages(include=["runtime*", "kernels*", "train*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=["numpy", "sentencepiece", "tokenizers", "jinja2", "gguf", "tqdm"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    entry_points={"console_scripts": ["lingli = runtime.cli:main"]},
+    zip_safe=False,
+)
