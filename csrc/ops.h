@@ -35,7 +35,8 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
                      int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
                      float scale);
 
-// STREAM-like read probe; returns the best of `repeats` passes in GB/s (1e9 B/s).
+// STREAM-like read probe over nbytes: best GB/s (1e9 B/s) of the 64 MiB chunks
+// read during `repeats` passes (see membw.cpp).
 double read_bandwidth(int64_t nbytes, int repeats);
 
 // IEEE binary16 -> binary32 in software (subnormals, inf and nan included).
