@@ -35,7 +35,10 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
     install_requires=["numpy", "sentencepiece", "tokenizers", "jinja2", "gguf", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    extras_require={
+        # torch only for the transformers parity tests; pinned to the CPU build (2.13.0).
+        "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0"],
+    },
     entry_points={"console_scripts": ["lingli = runtime.cli:main"]},
     zip_safe=False,
 )
