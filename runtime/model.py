@@ -19,12 +19,20 @@ import numpy as np
 
 from .config import ModelConfig
 from .kv_cache import PagedKVCache, SequenceKV
+from .quant.formats import QuantizedTensor, concat_rows
+
+
+def _cat_rows(parts: list) -> np.ndarray | QuantizedTensor:
+    """Stack weight matrices along the output dimension (float or quantized alike)."""
+    if isinstance(parts[0], QuantizedTensor):
+        return concat_rows(parts)
+    return np.concatenate(parts)
 
 
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
-    wqkv: np.ndarray            # [(Hq + 2 Hkv) * Dh, H]
+    wqkv: np.ndarray | QuantizedTensor          # [(Hq + 2 Hkv) * Dh, H]
     bqkv: np.ndarray | None
     wo: np.ndarray              # [H, Hq * Dh]
     bo: np.ndarray | None
@@ -60,8 +68,8 @@ class LlamaModel:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             w = lambda name: weights[p + name]  # noqa: E731
-            wqkv = np.concatenate([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                                   w("self_attn.v_proj.weight")])
+            wqkv = _cat_rows([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                              w("self_attn.v_proj.weight")])
             bqkv = None
             if config.attention_bias:
                 bqkv = be.vector(np.concatenate([w("self_attn.q_proj.bias"),
@@ -74,8 +82,8 @@ class LlamaModel:
                 wo=be.weight(w("self_attn.o_proj.weight")),
                 bo=be.vector(w("self_attn.o_proj.bias")) if config.attention_bias else None,
                 mlp_norm=be.vector(w("post_attention_layernorm.weight")),
-                w_gate_up=be.weight(np.concatenate([w("mlp.gate_proj.weight"),
-                                                    w("mlp.up_proj.weight")])),
+                w_gate_up=be.weight(_cat_rows([w("mlp.gate_proj.weight"),
+                                               w("mlp.up_proj.weight")])),
                 b_gate_up=be.vector(np.concatenate([w("mlp.gate_proj.bias"),
                                                     w("mlp.up_proj.bias")]))
                 if config.mlp_bias else None,

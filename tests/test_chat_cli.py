@@ -59,12 +59,22 @@ def test_send_records_turns_and_reset(llm):
 
 
 def test_every_command_has_help():
+    import argparse
+
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"convert", "generate", "chat"} <= set(sub.choices)
-    for name, p in sub.choices.items():
+    assert {"convert", "quantize", "generate", "chat", "eval", "bench"} <= set(sub.choices)
+
+    def check(name, p):
         for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):   # e.g. `lingli eval ppl`
+                for sub_name, sub_p in action.choices.items():
+                    check(f"{name} {sub_name}", sub_p)
+                continue
             assert action.help, f"lingli {name}: option {action.option_strings} has no help"
+
+    for name, p in sub.choices.items():
+        check(name, p)
 
 
 def test_generate_command(model_dir, capsys):

@@ -137,7 +137,7 @@ def test_fp16_weights(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(quant="int4"), "not available yet"),
+    (dict(quant="int4", group_size=48), "group size"),
     (dict(quant="int5"), "unknown quant"),
     (dict(backend="triton"), "not available yet"),
     (dict(backend="tpu"), "unknown backend"),

@@ -24,8 +24,13 @@ def tokenizer_dir(kind: str, cache_root: Path) -> Path:
 
 
 def make_tiny_llama(out: Path, tokenizer: str | None, cache_root: Path, pad_rows: int = 0,
-                    max_positions: int = 128, seed: int = 0, vocab: int | None = None) -> Path:
-    """A 2-layer GQA model whose vocabulary is the tokenizer's plus `pad_rows` padding rows."""
+                    max_positions: int = 128, seed: int = 0, vocab: int | None = None,
+                    weight_std: float = 0.3) -> Path:
+    """A 2-layer GQA model whose vocabulary is the tokenizer's plus `pad_rows` padding rows.
+
+    weight_std 0.3 makes outputs varied (good for sampling tests) but chaotic;
+    quantization-error tests use a realistic ~0.05.
+    """
     out.mkdir(parents=True, exist_ok=True)
     n_pieces = vocab or 300
     if tokenizer:
@@ -48,6 +53,6 @@ def make_tiny_llama(out: Path, tokenizer: str | None, cache_root: Path, pad_rows
         if name.endswith("norm.weight"):
             tensors[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
-            tensors[name] = (0.3 * rng.standard_normal(shape)).astype(np.float32)
+            tensors[name] = (weight_std * rng.standard_normal(shape)).astype(np.float32)
     save_safetensors(out / "model.safetensors", tensors)
     return out

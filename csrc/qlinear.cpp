@@ -1,0 +1,236 @@
+// Quantized linear layers: the dispatcher and the plain (reference) kernels.
+//
+// qlinear() quantizes the activation rows to int8 per 32-input block (on all
+// threads when there are many rows), splits the weight rows into one
+// contiguous range per thread and runs the current ISA's QGemmFn on each
+// range. The plain kernels below are the reference every SIMD path is
+// tested against; they compute the same exact integer block dots, so the
+// paths differ only in the order of the float sums.
+
+#include "qlinear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ops.h"  // half_to_float
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lingli {
+
+// ------------------------------------------------------------------ plain --
+
+// The formula every quantizer implements: d = amax / 127 and
+// q = nearbyint(clamp(x * (127 / amax), -127, 127)), where the clamp also
+// maps NaN to -127 (as the SIMD max/min instructions do). An all-zero block
+// gets d = 0 and zero codes.
+void quantize_acts_plain(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* d,
+                         int32_t* sums) {
+    const int64_t nb = kp / QBLOCK;
+    for (int64_t i = 0; i < m; ++i) {
+        const float* xr = x + i * k;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t k0 = b * QBLOCK, n = std::max<int64_t>(0, std::min<int64_t>(QBLOCK, k - k0));
+            float amax = 0.f;
+            for (int64_t j = 0; j < n; ++j) {
+                const float a = std::fabs(xr[k0 + j]);
+                amax = a > amax ? a : amax;  // NaN never wins
+            }
+            const float iscale = amax > 0.f ? 127.f / amax : 0.f;
+            int8_t* qb = q + i * kp + k0;
+            int32_t s = 0;
+            for (int64_t j = 0; j < QBLOCK; ++j) {
+                float v = j < n ? xr[k0 + j] * iscale : 0.f;
+                v = v > -127.f ? v : -127.f;  // NaN -> -127
+                v = v < 127.f ? v : 127.f;
+                const int c = static_cast<int>(std::nearbyint(v));
+                qb[j] = static_cast<int8_t>(c);
+                s += c;
+            }
+            d[i * nb + b] = amax / 127.f;
+            sums[i * nb + b] = s;
+        }
+    }
+}
+
+namespace {
+
+inline int weight_code(const QMatrix& w, int64_t r, int64_t e) {
+    switch (w.bits) {
+        case 8:
+            return static_cast<int8_t>(w.q[r * w.kp + e]);
+        case 4: {
+            const uint8_t byte = w.q[r * (w.kp / 2) + (e / 32) * 16 + (e % 16)];
+            return (e % 32) < 16 ? (byte & 15) : (byte >> 4);
+        }
+        default: {  // 3
+            const int64_t b = e / 32, t = e % 32;
+            const uint8_t lo = w.q[r * (w.kp / 4) + b * 8 + (t % 8)];
+            const uint8_t hi = w.qh[r * (w.kp / 8) + e / 8];
+            return ((lo >> (2 * (t / 8))) & 3) | (((hi >> (e % 8)) & 1) << 2);
+        }
+    }
+}
+
+}  // namespace
+
+void qgemm_plain(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out,
+                 int64_t ldo) {
+    const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, bpg = w.group_size / QBLOCK;
+    std::vector<int> codes(static_cast<size_t>(w.kp));
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t e = 0; e < w.kp; ++e) codes[e] = weight_code(w, r, e);
+        for (int64_t i = 0; i < a.m; ++i) {
+            const int8_t* xq = a.q + i * a.kp;
+            float y = 0.f;
+            for (int64_t g = 0; g < ng; ++g) {
+                const float s = half_to_float(w.scales[r * ng + g]);
+                const float mn = w.mins ? half_to_float(w.mins[r * ng + g]) : 0.f;
+                for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+                    int32_t dot = 0;
+                    for (int64_t j = b * QBLOCK; j < (b + 1) * QBLOCK; ++j) dot += codes[j] * xq[j];
+                    float t = s * static_cast<float>(dot);
+                    if (w.mins) t += mn * static_cast<float>(a.sums[i * nb + b]);
+                    y += a.d[i * nb + b] * t;
+                }
+            }
+            out[i * ldo + r] = y;
+        }
+    }
+}
+
+// ------------------------------------------------------------- dispatch ---
+
+namespace {
+
+enum class QPath { Plain, Avx2, Avx512Vnni, Neon, NeonDot };
+
+QPath qpath() {
+    switch (current_isa()) {
+#if defined(__x86_64__)
+        case Isa::Avx512:
+            if (cpu_has_avx512_vnni()) return QPath::Avx512Vnni;
+            return QPath::Avx2;  // AVX-512F without VNNI: the AVX2 kernels
+        case Isa::Avx2:
+            return QPath::Avx2;
+#endif
+#if defined(__aarch64__)
+        case Isa::Neon:
+            return cpu_has_dotprod() ? QPath::NeonDot : QPath::Neon;
+#endif
+        default:
+            return QPath::Plain;
+    }
+}
+
+QGemmFn qgemm_for(QPath p) {
+    switch (p) {
+#if defined(__x86_64__)
+        case QPath::Avx2: return qgemm_avx2;
+        case QPath::Avx512Vnni: return qgemm_avx512;
+#endif
+#if defined(__aarch64__)
+        case QPath::Neon: return qgemm_neon;
+        case QPath::NeonDot: return qgemm_neon_dot;
+#endif
+        default: return qgemm_plain;
+    }
+}
+
+using QuantFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, float*, int32_t*);
+
+QuantFn quant_for(QPath p) {
+    switch (p) {
+#if defined(__x86_64__)
+        case QPath::Avx2: return quantize_acts_avx2;
+        case QPath::Avx512Vnni: return quantize_acts_avx512;
+#endif
+        default: return quantize_acts_plain;
+    }
+}
+
+void quantize_acts_with(QuantFn fn, const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q,
+                        float* d, int32_t* sums) {
+    const int64_t nb = kp / QBLOCK;
+    int nt = threads_for_bytes(m * k * 4);
+    if (nt > m) nt = static_cast<int>(m);
+    if (nt <= 1) {
+        fn(x, m, k, kp, q, d, sums);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int64_t t = 0, nth = 1;
+#endif
+        const int64_t i0 = m * t / nth, i1 = m * (t + 1) / nth;
+        if (i1 > i0)
+            fn(x + i0 * k, i1 - i0, k, kp, q + i0 * kp, d + i0 * nb, sums + i0 * nb);
+    }
+}
+
+int64_t weight_bytes(const QMatrix& w) {
+    const int64_t ng = w.kp / w.group_size;
+    int64_t b = w.n * (w.kp * w.bits / 8 + ng * 2);
+    if (w.mins) b += w.n * ng * 2;
+    return b;
+}
+
+}  // namespace
+
+void quantize_acts(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* d,
+                   int32_t* sums) {
+    quantize_acts_with(quant_for(qpath()), x, m, k, kp, q, d, sums);
+}
+
+const char* qgemm_path() {
+    switch (qpath()) {
+        case QPath::Avx2: return "avx2";
+        case QPath::Avx512Vnni: return "avx512_vnni";
+        case QPath::Neon: return "neon";
+        case QPath::NeonDot: return "neon_dot";
+        default: return "plain";
+    }
+}
+
+void qlinear(const float* x, int64_t m, const QMatrix& w, float* out) {
+    if (m <= 0 || w.n <= 0) return;
+    const QPath path = qpath();
+    const int64_t nb = w.kp / QBLOCK;
+    // Per calling thread, reused across calls (decode calls this per layer).
+    thread_local std::vector<int8_t> qbuf;
+    thread_local std::vector<float> dbuf;
+    thread_local std::vector<int32_t> sbuf;
+    qbuf.resize(static_cast<size_t>(m * w.kp));
+    dbuf.resize(static_cast<size_t>(m * nb));
+    sbuf.resize(static_cast<size_t>(m * nb));
+    quantize_acts_with(quant_for(path), x, m, w.k, w.kp, qbuf.data(), dbuf.data(), sbuf.data());
+    const QActs acts{m, w.kp, qbuf.data(), dbuf.data(), sbuf.data()};
+
+    const QGemmFn fn = qgemm_for(path);
+    // Work ~ weight bytes for decode; for prefill the products dominate.
+    int nt = threads_for_bytes(weight_bytes(w) + m * w.n * w.kp / 16);
+    if (nt > w.n) nt = static_cast<int>(w.n);
+    if (nt <= 1) {
+        fn(w, acts, 0, w.n, out, w.n);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int64_t t = 0, nth = 1;
+#endif
+        const int64_t r0 = w.n * t / nth, r1 = w.n * (t + 1) / nth;
+        if (r1 > r0) fn(w, acts, r0, r1, out, w.n);
+    }
+}
+
+}  // namespace lingli

@@ -1,0 +1,363 @@
+// x86 quantized matrix products: AVX2 (maddubs) and AVX-512 VNNI (vpdpbusd).
+//
+// Both compute, per 32-input block b, the exact integer dot of the int8
+// activation codes with the weight codes, then y += d_b * (s * dot + m * sum_b)
+// in float (qlinear.h). The min term is summed per group up front:
+// sum_b d_b m_g sum_b = sum_g m_g C_g with C_g = sum_{b in g} d_b sum_b, an
+// activation-only vector, so it costs one short dot per output.
+//
+// AVX-512 VNNI (the kernels are in qlinear_x86_vnni.inc). The unit of work
+// is an "octet" of 8 blocks (256 inputs). Every format is unpacked with
+// shifts, masks and 64-bit permutes into the same planar order: four
+// registers j = 0..3 whose qword k holds codes 8j..8j+7 of block k. The
+// activations (reused by every weight row) are rearranged once per call to
+// match, so one vpdpbusd accumulator per octet holds each block's dot in 2
+// int32 lanes, converted and scaled once per octet:
+//   int3: the 64 low-plane bytes of 8 blocks: (L >> 2j) & 3 is plane j; the
+//         high plane gives one 64-bit mask per plane (vpshufbitqmb with
+//         AVX512_BITALG, else a byte transpose), added as +4.
+//   int4: two 64-byte loads; their even/odd qwords, low and high nibbles.
+//   int8: codes made unsigned (w ^ 0x80 = w + 128) and transposed; each
+//         accumulator lane starts at -128 times the sum of the activation
+//         codes it meets, so every lane holds its exact partial dot.
+// The float step per octet is cvt, * d (per lane, precomputed) and an FMA
+// with the weight scales (the octet's f16 scales, converted and spread by one
+// permute). Decode streams one weight row at a time; for several activation
+// rows, up to 4 x-rows x 2 weight rows share the unpacked weights and x loads,
+// and weight rows are taken in L2-sized blocks while all x tiles pass.
+//
+// AVX2: one block at a time in natural order (int4: nibble split, int3:
+// broadcast + variable shift, high bits by byte shuffle + compare), maddubs
+// (int8: |w| with w's sign moved onto x, so pair sums stay below 2^15), then
+// madd with ones, convert, one FMA per block and activation row.
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "qlinear.h"
+#include "simd.h"  // before <immintrin.h>: holds the GCC 12 warning workaround
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define LINGLI_TARGET_VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+// The int3 kernel has a faster high-bit unpack with AVX512_BITALG's
+// vpshufbitqmb (Ice Lake, Zen 4 and later); this set is only entered when
+// the CPU has it.
+#define LINGLI_TARGET_VNNI_BITALG \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bitalg,avx2,fma,f16c")))
+
+namespace lingli {
+
+// LINGLI_NO_BITALG=1 forces the int3 path for VNNI CPUs without BITALG (tests).
+static bool cpu_has_bitalg() {
+    static const bool ok = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bitalg") &&
+                           !std::getenv("LINGLI_NO_BITALG");
+    return ok;
+}
+
+bool cpu_has_avx512_vnni() {
+    static const bool ok =
+        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return ok;
+}
+
+namespace {
+
+// Weight rows per cache block for prefill: about this many weight bytes stay
+// in L2 while every tile of activation rows passes over them.
+constexpr int64_t kRowBlockBytes = 256 << 10;
+
+int64_t row_bytes(const QMatrix& w) {
+    const int64_t ng = w.kp / w.group_size;
+    return w.kp * w.bits / 8 + ng * 2 * (w.mins ? 2 : 1);
+}
+
+int64_t rows_per_block(const QMatrix& w, int64_t m) {
+    if (m <= 4) return INT64_MAX;  // one pass over the weights anyway
+    return std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, row_bytes(w)));
+}
+
+// C_g = sum_{b in g} d_b * sum_b for one activation row, zero-padded to `ngp`.
+void min_coeffs(const QActs& a, int64_t i, int group_size, float* c, int64_t ngp) {
+    const int64_t nb = a.kp / QBLOCK, ng = a.kp / group_size, bpg = group_size / QBLOCK;
+    const float* d = a.d + i * nb;
+    const int32_t* s = a.sums + i * nb;
+    for (int64_t g = 0; g < ng; ++g) {
+        float t = 0.f;
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) t += d[b] * static_cast<float>(s[b]);
+        c[g] = t;
+    }
+    for (int64_t g = ng; g < ngp; ++g) c[g] = 0.f;
+}
+
+// =============================================================== AVX2 ===
+
+struct Avx2Prep {
+    int64_t ngp = 0;
+    std::vector<float> c;  // [m][ngp]
+};
+
+LINGLI_TARGET_AVX2 inline __m256i unpack_block_avx2(const QMatrix& w, const uint8_t* q,
+                                                    const uint8_t* qh, int64_t b) {
+    if (w.bits == 4) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+        return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    }
+    // int3: low plane broadcast to 4 qwords, qword j shifted by 2j.
+    int64_t lo;
+    std::memcpy(&lo, q + b * 8, 8);
+    __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(lo), _mm256_setr_epi64x(0, 2, 4, 6));
+    v = _mm256_and_si256(v, _mm256_set1_epi8(3));
+    int32_t hi;
+    std::memcpy(&hi, qh + b * 4, 4);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(hi),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+}
+
+template <int R>
+LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, const Avx2Prep& p, int64_t i0,
+                                  int64_t ra, int64_t rb, float* out, int64_t ldo) {
+    const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, bpg = w.group_size / QBLOCK;
+    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = ra; r < rb; ++r) {
+        const uint8_t* q = w.q + r * qstride;
+        const uint8_t* qh = w.qh ? w.qh + r * (w.kp / 8) : nullptr;
+        const uint16_t* sc = w.scales + r * ng;
+        __m256 acc[R];
+        for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; ++g) {
+            const float s = _cvtsh_ss(sc[g]);
+            for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+                if (w.bits == 8) {
+                    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
+                    const __m256i aw = _mm256_abs_epi8(wv);
+                    for (int i = 0; i < R; ++i) {
+                        const __m256i xv = _mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(a.q + (i0 + i) * a.kp + b * 32));
+                        const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                        acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.d[(i0 + i) * nb + b] * s), acc[i]);
+                    }
+                } else {
+                    const __m256i cv = unpack_block_avx2(w, q, qh, b);
+                    for (int i = 0; i < R; ++i) {
+                        const __m256i xv = _mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(a.q + (i0 + i) * a.kp + b * 32));
+                        const __m256i p16 = _mm256_maddubs_epi16(cv, xv);
+                        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                        acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.d[(i0 + i) * nb + b] * s), acc[i]);
+                    }
+                }
+            }
+        }
+        if (w.mins) {
+            const uint16_t* mn = w.mins + r * ng;
+            int64_t g = 0;
+            for (; g + 8 <= ng; g += 8) {
+                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g)));
+                for (int i = 0; i < R; ++i)
+                    acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(p.c.data() + (i0 + i) * p.ngp + g), acc[i]);
+            }
+            if (g < ng) {
+                alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                std::memcpy(tmp, mn + g, static_cast<size_t>(ng - g) * 2);
+                const __m256 mv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+                for (int i = 0; i < R; ++i)  // c is zero-padded to a multiple of 16
+                    acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(p.c.data() + (i0 + i) * p.ngp + g), acc[i]);
+            }
+        }
+        for (int i = 0; i < R; ++i) out[(i0 + i) * ldo + r] = hsum256(acc[i]);
+    }
+}
+
+// ============================================================ AVX-512 ===
+
+// Activation rows rearranged once per call into the planar order the weight
+// unpacking produces: per octet o (8 blocks), four 64-byte planes j = 0..3
+// whose qword k holds codes 8j..8j+7 of block 8o+k.
+struct VnniPrep {
+    int64_t m = 0, nb = 0, no = 0, ngp = 0;
+    std::vector<int8_t> xq;     // [m][no][256] planar codes
+    std::vector<float> dl;      // [m][no][16]: d of lane l's block (8o + l/2)
+    std::vector<int32_t> init;  // int8: [m][no][16]: -128 * (sum of the 16 codes lane l sees)
+    std::vector<float> c;       // int4/int3: [m][ngp] min coefficients
+};
+
+void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
+    p.m = a.m;
+    p.nb = a.kp / QBLOCK;
+    p.no = (p.nb + 7) / 8;
+    const int64_t ng = a.kp / w.group_size;
+    p.ngp = (ng + 15) / 16 * 16;
+    p.xq.assign(static_cast<size_t>(p.m * p.no * 256), 0);
+    p.dl.assign(static_cast<size_t>(p.m * p.no * 16), 0.f);
+    if (w.bits == 8) p.init.assign(static_cast<size_t>(p.m * p.no * 16), 0);
+    else p.c.resize(static_cast<size_t>(p.m * p.ngp));
+    for (int64_t i = 0; i < p.m; ++i) {
+        for (int64_t b = 0; b < p.nb; ++b) {
+            const int64_t o = b / 8, k = b % 8;
+            const int8_t* src = a.q + i * a.kp + b * 32;
+            int8_t* dst = p.xq.data() + (i * p.no + o) * 256 + k * 8;
+            for (int j = 0; j < 4; ++j) std::memcpy(dst + j * 64, src + j * 8, 8);
+            float* dl = p.dl.data() + (i * p.no + o) * 16 + k * 2;
+            dl[0] = dl[1] = a.d[i * p.nb + b];
+            if (w.bits == 8) {
+                int32_t* in = p.init.data() + (i * p.no + o) * 16 + k * 2;
+                for (int h = 0; h < 2; ++h) {
+                    int32_t s = 0;
+                    for (int j = 0; j < 4; ++j)
+                        for (int e = 0; e < 4; ++e) s += src[8 * j + 4 * h + e];
+                    in[h] = -128 * s;
+                }
+            }
+        }
+        if (w.bits != 8) min_coeffs(a, i, w.group_size, p.c.data() + i * p.ngp, p.ngp);
+    }
+}
+
+}  // namespace
+
+namespace vnni_base {
+#define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI
+#define LINGLI_VNNI_BITALG 0
+#include "qlinear_x86_vnni.inc"
+#undef LINGLI_VNNI_TARGET
+#undef LINGLI_VNNI_BITALG
+}  // namespace vnni_base
+
+namespace vnni_bitalg {
+#define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI_BITALG
+#define LINGLI_VNNI_BITALG 1
+#include "qlinear_x86_vnni.inc"
+#undef LINGLI_VNNI_TARGET
+#undef LINGLI_VNNI_BITALG
+}  // namespace vnni_bitalg
+
+// ============================================================ exported ===
+
+LINGLI_TARGET_AVX2 void quantize_acts_avx2(const float* x, int64_t m, int64_t k, int64_t kp,
+                                           int8_t* q, float* d, int32_t* sums) {
+    const int64_t nb = kp / QBLOCK;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (int64_t i = 0; i < m; ++i) {
+        const float* xr = x + i * k;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t k0 = b * QBLOCK;
+            const int64_t n = std::max<int64_t>(0, std::min<int64_t>(QBLOCK, k - k0));
+            alignas(32) float tmp[QBLOCK];
+            const float* src = xr + k0;
+            if (n < QBLOCK) {
+                for (int64_t j = 0; j < QBLOCK; ++j) tmp[j] = j < n ? src[j] : 0.f;
+                src = tmp;
+            }
+            __m256 v[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int t = 0; t < 4; ++t) {
+                v[t] = _mm256_loadu_ps(src + 8 * t);
+                amax = _mm256_max_ps(_mm256_and_ps(v[t], absmask), amax);  // NaN -> keeps amax
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float am = _mm_cvtss_f32(m4);
+            const __m256 iscale = _mm256_set1_ps(am > 0.f ? 127.f / am : 0.f);
+            __m256i c[4];
+            for (int t = 0; t < 4; ++t) {
+                __m256 s = _mm256_mul_ps(v[t], iscale);
+                s = _mm256_min_ps(_mm256_max_ps(s, lo), hi);  // max(NaN, lo) = lo
+                c[t] = _mm256_cvtps_epi32(s);                // round half to even (MXCSR default)
+            }
+            const __m256i s16a = _mm256_packs_epi32(c[0], c[1]), s16b = _mm256_packs_epi32(c[2], c[3]);
+            const __m256i s8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(s16a, s16b),
+                                                           _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + k0), s8);
+            __m256i tot = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+            d[i * nb + b] = am / 127.f;
+            sums[i * nb + b] = _mm_cvtsi128_si32(t4);
+        }
+    }
+}
+
+LINGLI_TARGET_VNNI void quantize_acts_avx512(const float* x, int64_t m, int64_t k, int64_t kp,
+                                             int8_t* q, float* d, int32_t* sums) {
+    const int64_t nb = kp / QBLOCK;
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (int64_t i = 0; i < m; ++i) {
+        const float* xr = x + i * k;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t k0 = b * QBLOCK;
+            const int64_t n = std::max<int64_t>(0, std::min<int64_t>(QBLOCK, k - k0));
+            const __mmask16 k0m = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
+            const __mmask16 k1m = static_cast<__mmask16>(n >= 32 ? 0xffff : n > 16 ? (1u << (n - 16)) - 1u : 0);
+            const __m512 v0 = _mm512_maskz_loadu_ps(k0m, xr + k0);
+            const __m512 v1 = _mm512_maskz_loadu_ps(k1m, xr + k0 + 16);
+            __m512 amax = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps());  // NaN -> 0
+            amax = _mm512_max_ps(_mm512_abs_ps(v1), amax);
+            const float am = _mm512_reduce_max_ps(amax);
+            const __m512 iscale = _mm512_set1_ps(am > 0.f ? 127.f / am : 0.f);
+            const __m512i c0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v0, iscale), lo), hi));
+            const __m512i c1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v1, iscale), lo), hi));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kp + k0), _mm512_cvtepi32_epi8(c0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kp + k0 + 16), _mm512_cvtepi32_epi8(c1));
+            d[i * nb + b] = am / 127.f;
+            sums[i * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+        }
+    }
+}
+
+void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    thread_local Avx2Prep p;
+    if (w.mins) {
+        const int64_t ng = w.kp / w.group_size;
+        p.ngp = (ng + 15) / 16 * 16;
+        p.c.resize(static_cast<size_t>(a.m * p.ngp));
+        for (int64_t i = 0; i < a.m; ++i) min_coeffs(a, i, w.group_size, p.c.data() + i * p.ngp, p.ngp);
+    }
+    const int64_t rbk = rows_per_block(w, a.m);
+    for (int64_t ra = r0; ra < r1; ra = (r1 - ra > rbk ? ra + rbk : r1)) {
+        const int64_t rb = r1 - ra > rbk ? ra + rbk : r1;
+        for (int64_t i0 = 0; i0 < a.m; i0 += 4) {
+            switch (std::min<int64_t>(4, a.m - i0)) {
+                case 4: tile_avx2<4>(w, a, p, i0, ra, rb, out, ldo); break;
+                case 3: tile_avx2<3>(w, a, p, i0, ra, rb, out, ldo); break;
+                case 2: tile_avx2<2>(w, a, p, i0, ra, rb, out, ldo); break;
+                default: tile_avx2<1>(w, a, p, i0, ra, rb, out, ldo); break;
+            }
+        }
+    }
+}
+
+void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    thread_local VnniPrep p;
+    prepare_vnni(w, a, p);
+    switch (w.bits) {
+        case 8: vnni_base::run_vnni<8>(w, p, r0, r1, out, ldo); break;
+        case 4: vnni_base::run_vnni<4>(w, p, r0, r1, out, ldo); break;
+        default:
+            if (cpu_has_bitalg()) vnni_bitalg::run_vnni<3>(w, p, r0, r1, out, ldo);
+            else vnni_base::run_vnni<3>(w, p, r0, r1, out, ldo);
+            break;
+    }
+}
+
+}  // namespace lingli
+
+#endif  // __x86_64__

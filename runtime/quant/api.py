@@ -1,0 +1,40 @@
+"""Quantize a float checkpoint into a Lingli quantized checkpoint (`lingli quantize`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..loader import load_weights
+from .checkpoint import save_quantized
+from .formats import check_format
+from .quantize_model import DEFAULT_METHOD, quantize_weights
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
+                        group_size: int = 64, method: str | None = None,
+                        overwrite: bool = False, calib_tokens: int = 2048,
+                        progress: bool = True) -> Path:
+    """Read a float checkpoint, quantize every linear and the embedding, write `dst`."""
+    from ..hub import resolve_model
+
+    try:
+        check_format(bits, group_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    src = resolve_model(str(src))
+    config = ModelConfig.from_dir(src)
+    if config.quantization_config is not None:
+        raise ConfigError(f"{src} is already quantized ({config.quantization_config}); "
+                          "quantize from the float checkpoint")
+    method = method or DEFAULT_METHOD[bits]
+    hessians = None
+    if method == "gptq":
+        from .gptq import collect_hessians
+        hessians = collect_hessians(src, n_tokens=calib_tokens)
+    weights = load_weights(src, config, None)
+    qweights = quantize_weights(weights, config, bits, group_size, method,
+                                hessians=hessians, progress=progress)
+    info = {"bits": bits, "group_size": group_size, "method": method}
+    return Path(save_quantized(dst, src, qweights, config, info, overwrite=overwrite))

@@ -1,0 +1,335 @@
+"""Correctness of the quantized CPU kernels: runtime._C.quantize_acts and qlinear.
+
+Weights come from runtime.quant.formats.quantize_rtn (the portable layouts).
+The checks, for int8/int4/int3 and group sizes 32/64/128:
+  (a) quantize_acts equals a NumPy reimplementation of the formula bit for bit,
+      on every SIMD path;
+  (b) the plain C++ path equals a NumPy reference that uses the same quantized
+      activations and exact integer block dots (float64), to ~1e-5 of the
+      magnitude of the summed terms;
+  (c) every SIMD path (with 1 and 2 threads) matches the same reference;
+  (d) all paths are within the activation-quantization error bound of the
+      float product x @ dequantize().T.
+Shapes have K not divisible by the group size, odd N and M around the 4-row
+tile, and enough blocks to hit the 8-block unit of the AVX-512 kernel and its
+tails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from runtime import _C
+from runtime.quant.formats import padded_k, quantize_rtn
+
+ISAS = _C.available_isas()
+BITS = (8, 4, 3)
+GROUPS = (32, 64, 128)
+# (M, N, K): every K in (32, 40, 100, 576, 1000), N in (1, 3, 7, 33, 129) and
+# M in (1, 2, 3, 5, 17) appears; 2080 gives 65-68 blocks (8-block units + a
+# tail); N=700 spans several prefill row blocks and two threads.
+SHAPES = [
+    (1, 1, 32), (2, 3, 40), (3, 7, 100), (5, 33, 576), (17, 129, 1000), (1, 129, 576),
+    (17, 7, 32), (5, 1, 1000), (2, 33, 100), (3, 129, 40), (1, 33, 1000), (17, 3, 576),
+    (4, 5, 2080), (1, 300, 2080), (5, 700, 1000),
+]
+
+
+def rng_for(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+@pytest.fixture
+def restore_isa():
+    old_isa, old_nt = _C.isa(), _C.get_num_threads()
+    yield
+    _C.set_isa(old_isa)
+    _C.set_num_threads(old_nt)
+
+
+def each_path():
+    """Yield (isa, threads) with that path active (the caller restores it)."""
+    for isa in ISAS:
+        for nt in (1, 2):
+            _C.set_isa(isa)
+            _C.set_num_threads(nt)
+            yield isa, nt
+
+
+# ------------------------------------------------------------ references --
+
+def np_quantize_acts(x: np.ndarray, kp: int):
+    """The quantize_acts formula in float32 NumPy: d = amax/127, q = rint(x * (127/amax))."""
+    m, k = x.shape
+    xp = np.zeros((m, kp), np.float32)
+    xp[:, :k] = x
+    b = xp.reshape(m, kp // 32, 32)
+    amax = np.max(np.abs(b), axis=2)
+    iscale = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    v = np.clip(b * iscale[:, :, None], np.float32(-127), np.float32(127))
+    q = np.rint(v).astype(np.int8)
+    return q.reshape(m, kp), amax / np.float32(127), q.astype(np.int32).sum(axis=2, dtype=np.int32)
+
+
+def exact_reference(qt, qx, d, sums):
+    """float64 y and the magnitude of its summed terms, from exact integer block dots."""
+    n = qt.shape[0]
+    kp, g = qt.padded_k, qt.group_size
+    codes = qt.codes().astype(np.int64).reshape(n, kp // 32, 32)
+    xb = qx.astype(np.int64).reshape(qx.shape[0], kp // 32, 32)
+    dots = np.einsum("mbk,nbk->mnb", xb, codes).astype(np.float64)  # exact in float64
+    # The magnitude bounds every partial sum a kernel may form within a block.
+    absdots = np.einsum("mbk,nbk->mnb", np.abs(xb), np.abs(codes)).astype(np.float64)
+    s = np.repeat(qt.scales.astype(np.float64), g // 32, axis=1)[None]        # [1, n, nb]
+    mn = (np.zeros_like(s) if qt.mins is None
+          else np.repeat(qt.mins.astype(np.float64), g // 32, axis=1)[None])
+    dd = d.astype(np.float64)[:, None, :]
+    ss = sums.astype(np.float64)[:, None, :]
+    y = (dd * (s * dots + mn * ss)).sum(axis=2)
+    mag = (np.abs(dd) * (np.abs(s) * absdots + np.abs(mn * ss))).sum(axis=2)
+    return y, mag
+
+
+def assert_scaled(got, want, scale, rtol, what):
+    err = np.abs(got.astype(np.float64) - want)
+    bound = rtol * scale + 1e-30
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} off; worst err {err.max():.3g}, "
+                           f"worst err/bound {(err / bound).max():.3g}")
+
+
+def make_weights(rng, n, k, outliers=True):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if outliers and w.size:
+        idx = rng.integers(0, w.size, size=max(1, w.size // 200))
+        w.flat[idx] *= 30.0
+    return w
+
+
+def make_x(rng, m, k, outliers=True):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if outliers and x.size:
+        idx = rng.integers(0, x.size, size=max(1, x.size // 100))
+        x.flat[idx] *= 50.0
+    return x
+
+
+def run_qlinear(x, qt, out=None):
+    return _C.qlinear(x, qt.bits, qt.group_size, qt.q, qt.qh, qt.scales, qt.mins, out)
+
+
+def check_all_paths(x, qt, what, rtol=1e-5):
+    """(b)-(d) on every path: exact reference, and float reference with the act-quant bound."""
+    kp = qt.padded_k
+    qx, d, sums = np_quantize_acts(x, kp)
+    y_ref, mag = exact_reference(qt, qx, d, sums)
+    wd = qt.dequantize().astype(np.float64)
+    y_float = x.astype(np.float64) @ wd.T
+    # |x - d q| <= d/2 per input (and <= d*|x| rounding slack), so the float
+    # product differs by at most sum |w| d/2; plus the f32 summation slack.
+    dk = np.repeat(d.astype(np.float64), 32, axis=1)[:, : x.shape[1]]
+    quant_bound = 0.5 * dk @ np.abs(wd).T * 1.001 + 1e-5 * (np.abs(x) @ np.abs(wd).T)
+    for isa, nt in each_path():
+        y = run_qlinear(x, qt)
+        assert y.dtype == np.float32 and y.shape == (x.shape[0], qt.shape[0])
+        assert_scaled(y, y_ref, mag, rtol, f"{what} {isa} t{nt} vs exact")
+        err = np.abs(y.astype(np.float64) - y_float)
+        assert (err <= quant_bound + 1e-30).all(), (
+            f"{what} {isa} t{nt} vs float: worst err/bound {(err / (quant_bound + 1e-30)).max():.3g}")
+
+
+# ---------------------------------------------------------- (a) quantizer --
+
+@pytest.mark.parametrize("m,k", [(1, 32), (2, 40), (3, 100), (5, 576), (17, 1000), (64, 1000)])
+def test_quantize_acts_bit_exact(restore_isa, m, k):
+    rng = rng_for("qa", m, k)
+    x = make_x(rng, m, k)
+    x[0, : min(k, 32)] = 0.0                       # an all-zero block
+    if m > 1:
+        x[1] *= 1e-30                              # tiny but normal scales
+    if m > 2:
+        x[2] *= 1e25                               # huge
+    if m > 3:
+        x[3, :8] = np.float32(1e-41)               # subnormal inputs
+        x[3, 8:16] = np.arange(8) - 3.5            # exact halves: round to even
+    for kp in sorted({padded_k(k, 32), padded_k(k, 128)}):
+        want_q, want_d, want_s = np_quantize_acts(x, kp)
+        for isa, nt in each_path():
+            q, d, s = _C.quantize_acts(x, kp)
+            assert q.dtype == np.int8 and q.shape == (m, kp)
+            assert d.dtype == np.float32 and d.shape == (m, kp // 32)
+            assert s.dtype == np.int32 and s.shape == (m, kp // 32)
+            np.testing.assert_array_equal(q, want_q, err_msg=f"{isa} t{nt} codes")
+            np.testing.assert_array_equal(d.view(np.int32), want_d.view(np.int32),
+                                          err_msg=f"{isa} t{nt} scales")
+            np.testing.assert_array_equal(s, want_s, err_msg=f"{isa} t{nt} sums")
+
+
+def test_quantize_acts_round_half_even(restore_isa):
+    # amax = 127 makes iscale 1, so x * iscale keeps exact halves.
+    x = np.zeros((1, 32), np.float32)
+    x[0, :8] = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.0]
+    for isa, nt in each_path():
+        q, d, s = _C.quantize_acts(x, 32)
+        assert q[0, :8].tolist() == [0, 2, 2, 0, -2, -2, 126, 127], isa
+        assert d[0, 0] == np.float32(1.0) and s[0, 0] == 0 + 2 + 2 - 2 - 2 + 126 + 127
+
+
+# ------------------------------------------------------- (b)-(d) qlinear --
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("m,n,k", SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
+def test_qlinear_paths(restore_isa, bits, group_size, m, n, k):
+    rng = rng_for("ql", bits, group_size, m, n, k)
+    qt = quantize_rtn(make_weights(rng, n, k), bits, group_size)
+    x = make_x(rng, m, k)
+    check_all_paths(x, qt, f"int{bits} g{group_size} {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_qlinear_special_values(restore_isa, bits, group_size):
+    rng = rng_for("special", bits, group_size)
+    m, n, k = 6, 9, 300
+    w = make_weights(rng, n, k)
+    w[1, :group_size] = 0.75                 # all-equal group: scale 0 (int4/int3 keep it as min)
+    w[2] = 0.0                               # an all-zero row
+    w[3] *= 1e2                              # large weights (f16 offsets up to ~1e4)
+    w[4] *= 1e-5                             # tiny weights (f16 subnormal scales)
+    qt = quantize_rtn(w, bits, group_size)
+    x = make_x(rng, m, k)
+    x[0] = 0.0                               # zero row -> exactly zero output
+    x[1] *= 1e20
+    x[2] *= 1e-20
+    x[3, 32:64] = 0.0                        # a zero block inside a row
+    check_all_paths(x, qt, f"special int{bits} g{group_size}")
+    for isa, nt in each_path():
+        y = run_qlinear(x, qt)
+        assert (y[0] == 0.0).all(), f"{isa} t{nt}: zero activations gave nonzero output"
+        if bits == 8:
+            assert (y[:, 2] == 0.0).all(), f"{isa} t{nt}: zero weights gave nonzero output"
+
+
+def test_qlinear_out_and_empty(restore_isa):
+    rng = rng_for("out")
+    qt = quantize_rtn(make_weights(rng, 7, 100), 4, 32)
+    x = make_x(rng, 3, 100)
+    want = run_qlinear(x, qt)
+    out = np.full((3, 7), np.nan, np.float32)
+    assert run_qlinear(x, qt, out) is out
+    np.testing.assert_array_equal(out, want)
+    y0 = run_qlinear(np.zeros((0, 100), np.float32), qt)
+    assert y0.shape == (0, 7)
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="no AVX-512 on this CPU")
+def test_int3_without_bitalg():
+    """The int3 AVX-512 kernel for VNNI CPUs without AVX512_BITALG (forced by env)."""
+    code = (
+        "import numpy as np; from runtime import _C; from runtime.quant.formats import quantize_rtn\n"
+        "rng = np.random.default_rng(5)\n"
+        "for g in (32, 64, 128):\n"
+        "    for m, n, k in ((1, 7, 1000), (5, 33, 2080), (3, 3, 40)):\n"
+        "        qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), 3, g)\n"
+        "        x = rng.standard_normal((m, k)).astype(np.float32)\n"
+        "        ys = []\n"
+        "        for isa in ('plain', 'avx512'):\n"
+        "            _C.set_isa(isa)\n"
+        "            ys.append(_C.qlinear(x, 3, g, qt.q, qt.qh, qt.scales, qt.mins))\n"
+        "        scale = np.abs(x) @ np.abs(qt.dequantize()).T\n"
+        "        assert (np.abs(ys[0] - ys[1]) <= 1e-5 * scale + 1e-30).all(), (g, m, n, k)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, LINGLI_NO_BITALG="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_qlinear_path_names(restore_isa):
+    for isa in ISAS:
+        _C.set_isa(isa)
+        path = _C.qlinear_path()
+        assert path.startswith(isa) or (isa == "avx512" and path == "avx2"), (isa, path)
+
+
+# -------------------------------------------------------------- bad input --
+
+def _args(bits=4, group_size=64, n=5, k=100):
+    rng = rng_for("bad", bits, group_size)
+    qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), bits, group_size)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    return dict(x=x, bits=bits, group_size=group_size, q=qt.q, qh=qt.qh, scales=qt.scales,
+                mins=qt.mins)
+
+
+def _fortran(a):
+    return np.asfortranarray(a)
+
+
+BAD = [
+    # (name, format, change, message fragment)
+    ("bits5", 4, dict(bits=5), "bits"),
+    ("group48", 4, dict(group_size=48), "group_size"),
+    ("x_f64", 4, lambda a: dict(x=a["x"].astype(np.float64)), "x"),
+    ("x_1d", 4, lambda a: dict(x=a["x"][0]), "x"),
+    ("x_strided", 4, lambda a: dict(x=np.repeat(a["x"], 2, axis=1)[:, ::2]), "x"),
+    ("k_gt_kp", 4, lambda a: dict(x=np.zeros((2, 129), np.float32)), "K"),
+    ("k_too_small", 4, lambda a: dict(x=np.zeros((2, 64), np.float32)), "K"),
+    ("q_dtype_int4", 4, lambda a: dict(q=a["q"].view(np.int8)), "q"),
+    ("q_dtype_int8", 8, lambda a: dict(q=a["q"].view(np.uint8)), "q"),
+    ("q_shape", 4, lambda a: dict(q=a["q"][:, :-1].copy()), "q"),
+    ("q_rows", 3, lambda a: dict(q=a["q"][:-1].copy()), "q"),
+    ("q_fortran", 4, lambda a: dict(q=_fortran(a["q"])), "q"),
+    ("qh_missing", 3, dict(qh=None), "qh"),
+    ("qh_extra", 4, lambda a: dict(qh=np.zeros((5, 16), np.uint8)), "qh"),
+    ("qh_shape", 3, lambda a: dict(qh=a["qh"][:, :-1].copy()), "qh"),
+    ("qh_dtype", 3, lambda a: dict(qh=a["qh"].view(np.int8)), "qh"),
+    ("scales_f32", 4, lambda a: dict(scales=a["scales"].astype(np.float32)), "scales"),
+    ("scales_fortran", 4, lambda a: dict(scales=_fortran(a["scales"])), "scales"),
+    ("scales_1d", 4, lambda a: dict(scales=a["scales"].ravel()), "scales"),
+    ("mins_missing", 4, dict(mins=None), "mins"),
+    ("mins_extra", 8, lambda a: dict(mins=a["scales"].copy()), "mins"),
+    ("mins_shape", 3, lambda a: dict(mins=a["mins"][:-1].copy()), "mins"),
+    ("mins_dtype", 4, lambda a: dict(mins=a["mins"].astype(np.float32)), "mins"),
+    ("mins_notarray", 4, dict(mins=[1.0]), "mins"),
+]
+
+
+@pytest.mark.parametrize("name,bits,change,frag", BAD, ids=[b[0] for b in BAD])
+def test_qlinear_bad_input(name, bits, change, frag):
+    a = _args(bits=bits)
+    a.update(change(a) if callable(change) else change)
+    with pytest.raises(ValueError, match=rf"\b{frag}\b"):
+        _C.qlinear(a["x"], a["bits"], a["group_size"], a["q"], a["qh"], a["scales"], a["mins"])
+
+
+def test_qlinear_bad_out():
+    a = _args()
+    call = lambda out: _C.qlinear(a["x"], 4, 64, a["q"], None, a["scales"], a["mins"], out)
+    for out in (np.zeros((2, 4), np.float32), np.zeros((2, 5), np.float64),
+                np.zeros((5, 2), np.float32).T, "no"):
+        with pytest.raises(ValueError, match=r"\bout\b"):
+            call(out)
+    ro = np.zeros((2, 5), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"\bout\b"):
+        call(ro)
+
+
+def test_quantize_acts_bad_input():
+    x = np.zeros((2, 40), np.float32)
+    for kp in (40, 32, 48, -32):
+        with pytest.raises(ValueError, match=r"\bkp\b"):
+            _C.quantize_acts(x, kp)
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        _C.quantize_acts(x.astype(np.float64), 64)
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        _C.quantize_acts(np.zeros((4, 80), np.float32)[:, ::2], 64)

@@ -1,0 +1,87 @@
+"""Quantized models end to end: quantize at load vs a written Lingli checkpoint, CLI, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime import LLM, SamplingParams
+from runtime.cli import main
+from runtime.errors import LingliError
+from runtime.quant.api import quantize_checkpoint
+from runtime.quant.formats import QuantizedTensor
+from tiny_model import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qint")
+    # K = 64 hidden is below the largest group size; use a wider model so groups matter.
+    return make_tiny_llama(root / "f", "sp", root, pad_rows=5)
+
+
+@pytest.mark.parametrize("quant, group_size, method", [
+    ("int8", 32, "rtn"), ("int4", 64, "search"), ("int3", 32, "search"), ("int4", 128, "rtn"),
+])
+def test_checkpoint_logits_bit_identical_to_quantize_at_load(float_dir, tmp_path, quant,
+                                                             group_size, method):
+    at_load = LLM(str(float_dir), quant=quant, group_size=group_size, quant_method=method,
+                  progress=False)
+    out = quantize_checkpoint(float_dir, tmp_path / "q", bits=int(quant[3:]),
+                              group_size=group_size, method=method, progress=False)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (cfg["bits"], cfg["group_size"], cfg["method"]) == (int(quant[3:]), group_size, method)
+    stored = LLM(str(out))
+    assert stored.quant == quant and isinstance(stored.model.layers[0].wqkv, QuantizedTensor)
+    assert isinstance(stored.model.embed, QuantizedTensor)
+    ids = at_load.tokenizer.encode("the quick brown fox 你好")
+    a, b = at_load.logits(ids), stored.logits(ids)
+    assert np.array_equal(a, b)
+    p = SamplingParams(temperature=0.9, seed=3, max_tokens=12, ignore_eos=True)
+    assert at_load.generate("hello", p)[0].token_ids == stored.generate("hello", p)[0].token_ids
+
+
+# Random Gaussian weights are the worst case for low bits (no structure to exploit);
+# SmolLM2 perplexity (tests/test_quant_quality.py) is the real quality check.
+@pytest.mark.parametrize("quant, rel", [("int8", 0.03), ("int4", 0.3), ("int3", 0.5)])
+def test_quantized_logits_close_to_float(tmp_path, quant, rel):
+    d = make_tiny_llama(tmp_path / "calm", "sp", tmp_path, weight_std=0.05)
+    f = LLM(str(d))
+    q = LLM(str(d), quant=quant, progress=False)
+    ids = f.tokenizer.encode("river mountain learning inference")
+    a, b = f.logits(ids), q.logits(ids)
+    assert np.abs(a - b).max() <= rel * np.abs(a).max()
+    assert q.model.weight_bytes_per_token() < f.model.weight_bytes_per_token()
+
+
+def test_quantized_checkpoint_refuses_other_quant(float_dir, tmp_path):
+    out = quantize_checkpoint(float_dir, tmp_path / "q4", bits=4, group_size=32, progress=False)
+    with pytest.raises(LingliError, match="int4 checkpoint"):
+        LLM(str(out), quant="int8")
+    assert LLM(str(out), quant="int4").quant == "int4"
+
+
+def test_quantize_refuses_quantized_source_and_bad_args(float_dir, tmp_path):
+    out = quantize_checkpoint(float_dir, tmp_path / "q", bits=8, group_size=32, progress=False)
+    with pytest.raises(LingliError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "again", bits=4)
+    with pytest.raises(LingliError, match="group size"):
+        quantize_checkpoint(float_dir, tmp_path / "g", bits=4, group_size=48)
+    with pytest.raises(LingliError, match="bit width"):
+        quantize_checkpoint(float_dir, tmp_path / "b", bits=5)
+    with pytest.raises(LingliError, match="quant_method"):
+        LLM(str(float_dir), quant="int4", quant_method="magic")
+
+
+def test_quantize_cli(float_dir, tmp_path, capsys):
+    rc = main(["quantize", str(float_dir), str(tmp_path / "cli"), "--bits", "3",
+               "--group-size", "32", "--method", "rtn"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    rc = main(["generate", "-m", str(tmp_path / "cli"), "hello", "--max-tokens", "3",
+               "--temperature", "0", "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "int3" in err
+    # Writing over a non-empty directory is refused without --overwrite.
+    rc = main(["quantize", str(float_dir), str(tmp_path / "cli"), "--bits", "4"])
+    assert rc == 2 and "lingli: error:" in capsys.readouterr().err
