@@ -13,18 +13,23 @@
 // activations (reused by every weight row) are rearranged once per call to
 // match, so one vpdpbusd accumulator per octet holds each block's dot in 2
 // int32 lanes, converted and scaled once per octet:
-//   int3: the 64 low-plane bytes of 8 blocks: (L >> 2j) & 3 is plane j; the
-//         high plane gives one 64-bit mask per plane (vpshufbitqmb with
-//         AVX512_BITALG, else a byte transpose), added as +4.
+//   int3: the 64 low-plane bytes of 8 blocks: (L >> 2j) & 3 is plane j (one
+//         GF(2) affine map with GFNI); the high plane's bits are placed at
+//         bit 2 of each byte by vpmultishiftqb (AVX512_VBMI) and or-ed in,
+//         else it gives one 64-bit mask per plane (byte transpose), added as +4.
 //   int4: two 64-byte loads; their even/odd qwords, low and high nibbles.
 //   int8: codes made unsigned (w ^ 0x80 = w + 128) and transposed; each
 //         accumulator lane starts at -128 times the sum of the activation
 //         codes it meets, so every lane holds its exact partial dot.
 // The float step per octet is cvt, * d (per lane, precomputed) and an FMA
 // with the weight scales (the octet's f16 scales, converted and spread by one
-// permute). Decode streams one weight row at a time; for several activation
-// rows, up to 4 x-rows x 2 weight rows share the unpacked weights and x loads,
-// and weight rows are taken in L2-sized blocks while all x tiles pass.
+// permute). Decode (run_decode) streams one weight row at a time with no
+// masks on full octets, 16 scales converted at a time and software prefetch
+// kPrefetchBytes ahead; for several activation rows, up to 4 x-rows x 2
+// weight rows share the unpacked weights and x loads, and weight rows are
+// taken in L2-sized blocks while all x tiles pass. The activation buffers are
+// 64-byte aligned; weights need not be (numpy and mmap views often are not),
+// so each weight vector is loaded once and split-line loads stay few.
 //
 // AVX2: one block at a time in natural order (int4: nibble split, int3:
 // broadcast + variable shift, high bits by byte shuffle + compare), maddubs
@@ -34,6 +39,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "qlinear.h"
@@ -44,17 +50,19 @@
 
 #define LINGLI_TARGET_VNNI \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
-// The int3 kernel has a faster high-bit unpack with AVX512_BITALG's
-// vpshufbitqmb (Ice Lake, Zen 4 and later); this set is only entered when
-// the CPU has it.
-#define LINGLI_TARGET_VNNI_BITALG \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bitalg,avx2,fma,f16c")))
+// The int3 kernel has a faster unpack with GFNI (vgf2p8affineqb) and
+// AVX512_VBMI (vpmultishiftqb), both on Ice Lake, Zen 4 and later; this set
+// is only entered when the CPU has them.
+#define LINGLI_TARGET_VNNI_EXT \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")))
 
 namespace lingli {
 
-// LINGLI_NO_BITALG=1 forces the int3 path for VNNI CPUs without BITALG (tests).
-static bool cpu_has_bitalg() {
-    static const bool ok = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bitalg") &&
+// LINGLI_NO_BITALG=1 forces the int3 path for VNNI CPUs without GFNI and
+// AVX512_VBMI (tests; the name is from when the fast path used BITALG).
+static bool cpu_has_vnni_ext() {
+    static const bool ok = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi") &&
+                           __builtin_cpu_supports("gfni") &&
                            !std::getenv("LINGLI_NO_BITALG");
     return ok;
 }
@@ -186,15 +194,30 @@ LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, const Avx2Pr
 
 // ============================================================ AVX-512 ===
 
+template <class T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U>
+    Aligned64(const Aligned64<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const Aligned64<U>&) const { return true; }
+    template <class U>
+    bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
 // Activation rows rearranged once per call into the planar order the weight
 // unpacking produces: per octet o (8 blocks), four 64-byte planes j = 0..3
 // whose qword k holds codes 8j..8j+7 of block 8o+k.
 struct VnniPrep {
     int64_t m = 0, nb = 0, no = 0, ngp = 0;
-    std::vector<int8_t> xq;     // [m][no][256] planar codes
-    std::vector<float> dl;      // [m][no][16]: d of lane l's block (8o + l/2)
-    std::vector<int32_t> init;  // int8: [m][no][16]: -128 * (sum of the 16 codes lane l sees)
-    std::vector<float> c;       // int4/int3: [m][ngp] min coefficients
+    // 64-byte aligned: every 512-bit load of them stays within one cache line.
+    std::vector<int8_t, Aligned64<int8_t>> xq;     // [m][no][256] planar codes
+    std::vector<float, Aligned64<float>> dl;       // [m][no][16]: d of lane l's block (8o + l/2)
+    std::vector<int32_t, Aligned64<int32_t>> init;  // int8: [m][no][16]: -128 * (sum of the 16 codes lane l sees)
+    std::vector<float, Aligned64<float>> c;        // int4/int3: [m][ngp] min coefficients
 };
 
 void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
@@ -231,21 +254,24 @@ void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
 
 }  // namespace
 
+// Decode prefetch distance in the weight code stream (~4 int4 rows of 4096).
+constexpr int64_t kPrefetchBytes = 8192;
+
 namespace vnni_base {
 #define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI
-#define LINGLI_VNNI_BITALG 0
+#define LINGLI_VNNI_EXT 0
 #include "qlinear_x86_vnni.inc"
 #undef LINGLI_VNNI_TARGET
-#undef LINGLI_VNNI_BITALG
+#undef LINGLI_VNNI_EXT
 }  // namespace vnni_base
 
-namespace vnni_bitalg {
-#define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI_BITALG
-#define LINGLI_VNNI_BITALG 1
+namespace vnni_ext {
+#define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI_EXT
+#define LINGLI_VNNI_EXT 1
 #include "qlinear_x86_vnni.inc"
 #undef LINGLI_VNNI_TARGET
-#undef LINGLI_VNNI_BITALG
-}  // namespace vnni_bitalg
+#undef LINGLI_VNNI_EXT
+}  // namespace vnni_ext
 
 // ============================================================ exported ===
 
@@ -348,11 +374,22 @@ void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float*
 void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     thread_local VnniPrep p;
     prepare_vnni(w, a, p);
+    if (a.m == 1) {
+        switch (w.bits) {
+            case 8: vnni_base::run_decode<8>(w, p, r0, r1, out); break;
+            case 4: vnni_base::run_decode<4>(w, p, r0, r1, out); break;
+            default:
+                if (cpu_has_vnni_ext()) vnni_ext::run_decode<3>(w, p, r0, r1, out);
+                else vnni_base::run_decode<3>(w, p, r0, r1, out);
+                break;
+        }
+        return;
+    }
     switch (w.bits) {
         case 8: vnni_base::run_vnni<8>(w, p, r0, r1, out, ldo); break;
         case 4: vnni_base::run_vnni<4>(w, p, r0, r1, out, ldo); break;
         default:
-            if (cpu_has_bitalg()) vnni_bitalg::run_vnni<3>(w, p, r0, r1, out, ldo);
+            if (cpu_has_vnni_ext()) vnni_ext::run_vnni<3>(w, p, r0, r1, out, ldo);
             else vnni_base::run_vnni<3>(w, p, r0, r1, out, ldo);
             break;
     }

@@ -214,3 +214,52 @@ def test_unquantized_modules_stay_float(tmp_path, tiny):
     assert isinstance(loaded["model.embed_tokens.weight"], np.ndarray)
     assert isinstance(loaded["lm_head.weight"], QuantizedTensor)
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_model_end_to_end(tmp_path, tiny, method):
+    from runtime.quant.quantize_model import quantize_model
+
+    src, cfg, weights = tiny
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 256)
+    out = quantize_model(src, tmp_path / method, 4, 32, method, calibration_texts=ids,
+                         n_tokens=256, window=64, progress=False)
+    cfg2 = ModelConfig.from_dir(out)
+    qc = cfg2.quantization_config
+    assert (qc["bits"], qc["group_size"], qc["method"]) == (4, 32, method)
+    loaded = load_quantized(out, cfg2)
+    w = weights["model.layers.1.mlp.down_proj.weight"]
+    got = loaded["model.layers.1.mlp.down_proj.weight"].dequantize()
+    assert np.linalg.norm(got - w) / np.linalg.norm(w) < 0.15
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(out, tmp_path / "again", 4, 32, "rtn", progress=False)
+
+
+def test_per_tensor_formats_round_trip(tmp_path):
+    """An int4 checkpoint with an int8 embedding records and validates the exception."""
+    import json
+
+    from tiny_model import make_tiny_llama
+    from runtime.config import ModelConfig as MC
+    from runtime.errors import CheckpointError as CE
+    from runtime.loader import load_weights
+    from runtime.quant.checkpoint import load_quantized, save_quantized
+    from runtime.quant.quantize_model import quantize_weights
+
+    src = make_tiny_llama(tmp_path / "src", None, tmp_path)
+    cfg = MC.from_dir(src)
+    q = quantize_weights(load_weights(src, cfg), cfg, 4, 32, "rtn", progress=False)
+    out = save_quantized(tmp_path / "q", src, q, cfg, {"bits": 4, "group_size": 32,
+                                                        "method": "rtn"})
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["tensor_formats"]["model.embed_tokens.weight"] == [8, 32]
+    back = load_quantized(out, MC.from_dir(out))
+    emb = back["model.embed_tokens.weight"]
+    assert (emb.bits, emb.group_size) == (8, 32)
+    assert np.array_equal(emb.q, q["model.embed_tokens.weight"].q)
+    # A format entry that lies about the stored tensor is caught.
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json["quantization_config"]["tensor_formats"]["model.embed_tokens.weight"] = [4, 32]
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(CE, match="embed_tokens.weight.q"):
+        load_quantized(out, MC.from_dir(out))

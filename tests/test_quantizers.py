@@ -183,11 +183,18 @@ def test_quantize_weights_tiny_model(tiny, method):
         H = collect_hessians(path, ids, n_tokens=256, window=128)
     q = quantize_weights(weights, cfg, 4, 32, method, H, progress=False)
     assert list(q) == list(cfg.weight_shapes())
+    out_layers = ("model.embed_tokens.weight", "lm_head.weight")
     for name in quantizable_names(cfg):
-        assert isinstance(q[name], QuantizedTensor) and q[name].bits == 4, name
+        # The embedding and lm_head stay at int8 (DEFAULT_EMBED_BITS), the rest int4.
+        want = (8, 32) if name in out_layers else (4, 32)
+        assert isinstance(q[name], QuantizedTensor), name
+        assert (q[name].bits, q[name].group_size) == want, name
         rel = np.linalg.norm(q[name].dequantize() - weights[name]) / np.linalg.norm(weights[name])
         assert rel < 0.15, (name, rel)
     assert q["model.norm.weight"].dtype == np.float32
+    # embed_bits overrides the output layers' format.
+    q4 = quantize_weights(weights, cfg, 4, 32, "rtn", progress=False, embed_bits=4)
+    assert q4["model.embed_tokens.weight"].bits == 4
 
 
 def test_quantize_weights_bad_arguments(tiny):
@@ -207,6 +214,7 @@ def test_quantize_weights_bad_arguments(tiny):
 
 
 def test_defaults():
-    assert DEFAULT_GROUP_SIZE == 64
+    from runtime.quant.formats import GROUP_SIZES
+    assert DEFAULT_GROUP_SIZE in GROUP_SIZES
     assert set(DEFAULT_METHOD) == {8, 4, 3}
     assert all(m in ("rtn", "search", "gptq") for m in DEFAULT_METHOD.values())

@@ -94,14 +94,15 @@ def save_quantized(out_dir: str | Path, src_dir: str | Path | None,
     tensors: dict[str, np.ndarray] = {}
     shapes: dict[str, list[int]] = {}
     modules: list[str] = []
+    formats: dict[str, list[int]] = {}
     for name, shape in expected.items():
         if name not in qweights:
             raise ValueError(f"qweights lacks {name!r}")
         t = qweights[name]
         if isinstance(t, QuantizedTensor):
             if (t.bits, t.group_size) != (bits, gs):
-                raise ValueError(f"{name}: int{t.bits} g{t.group_size}, but the checkpoint is "
-                                 f"int{bits} g{gs}")
+                # e.g. an int8 embedding in an int4 checkpoint: recorded per tensor.
+                formats[name] = [t.bits, t.group_size]
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {t.shape}, config says {shape}")
             for part, arr in t.arrays().items():
@@ -123,6 +124,8 @@ def save_quantized(out_dir: str | Path, src_dir: str | Path | None,
           "quantized_embeddings": "model.embed_tokens.weight" in modules}
     qc.update({k: v for k, v in quant_info.items() if k not in qc})
     qc["modules"] = modules
+    if formats:
+        qc["tensor_formats"] = formats      # name -> [bits, group_size] where not the default
     cfg["quantization_config"] = qc
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,13 +204,24 @@ def load_quantized(path: str | Path, config: ModelConfig) -> dict[str, np.ndarra
         except json.JSONDecodeError:
             raise CheckpointError(f"{f}: metadata {SHAPES_KEY!r} is not valid JSON") from None
 
+    formats = config.quantization_config.get("tensor_formats") or {}
+    if not isinstance(formats, dict):
+        raise CheckpointError(f"{cfg_src}: quantization_config.tensor_formats must be an object")
     out: dict[str, np.ndarray | QuantizedTensor] = {}
     qset = set(modules)
+    default_format = (bits, gs)
     for name, shape in expected.items():
         if name in qset:
             if len(shape) != 2:
                 raise CheckpointError(f"{cfg_src}: {name!r} is not a matrix and cannot be quantized")
             n, k = shape
+            fmt = formats.get(name, default_format)
+            if (not isinstance(fmt, (list, tuple)) or len(fmt) != 2 or fmt[0] not in BITS
+                    or fmt[1] not in GROUP_SIZES):
+                raise CheckpointError(f"{cfg_src}: quantization_config.tensor_formats[{name!r}] "
+                                      f"= {fmt!r}: expected [bits in {BITS}, group size in "
+                                      f"{GROUP_SIZES}]")
+            bits, gs = fmt
             meta_shape = shapes_meta.get(name)
             if meta_shape is not None and list(meta_shape) != [n, k]:
                 raise CheckpointError(f"{f}: tensor {name!r} has logical shape {meta_shape} in the "

@@ -29,20 +29,28 @@ from .gptq import gptq_quantize
 from .search import quantize_search
 
 __all__ = ["quantize_weights", "quantize_model", "quantizable_names", "DEFAULT_GROUP_SIZE",
-           "DEFAULT_METHOD", "METHODS"]
+           "DEFAULT_METHOD", "GPTQ_DAMP", "METHODS"]
 
 METHODS = ("rtn", "search", "gptq")
-DEFAULT_GROUP_SIZE = 64
-# Measured on SmolLM2-135M (relative output error ||X W^T - X Q^T|| / ||X W^T|| on
-# calibration activations, averaged over all layer matrices, G=64; see
-# tests/test_quantizers.py and the report in the quantization notes):
-#   int8: rtn ~0.4%, search slightly lower; both far below what matters, and
-#         search costs ~1 s for the whole model -> "search".
-#   int4/int3: gptq has the lowest output error by a wide margin (int3: the
-#         difference between a usable and a broken model); it costs a
-#         calibration pass (~2k tokens through the float model) plus tens of
-#         seconds of numpy -> "gptq".
-DEFAULT_METHOD = {8: "search", 4: "gptq", 3: "gptq"}
+# int4 g32 (5.0 bits/weight, like ggml Q4_1) keeps SmolLM2-135M within 0.4% of
+# float perplexity where g64 loses 39%; int3 needs the small groups even more.
+DEFAULT_GROUP_SIZE = 32
+# Chosen by held-out perplexity of SmolLM2-135M-Instruct (GPL-3 text, 4096 tokens,
+# ctx 512; fp32 24.78), G=64, calibration 2048 tokens of pydoc topics:
+#                       int4     int3
+#   rtn                 37.9    487.4     (per-group min/max)
+#   search              36.9    455.1     (no calibration)
+#   search + diag(H)    27.8     42.2     (calibrated importance)
+#   gptq damp 0.01      --       47.7     (48.7 with act_order)
+#   gptq damp 0.1       27.2     40.7     (damp 0.3: 41.6)
+# GPTQ with damp 0.1 is best at int4 and int3 (calibration overfits less
+# with the stronger dampening; act_order with static groups was worse), and
+# int3 without calibration is unusable. int8 is within noise of float with any
+# method, so it takes the calibration-free search (about a second per model).
+GPTQ_DAMP = 0.1
+DEFAULT_METHOD = {8: "search", 4: "search", 3: "gptq"}
+# The embedding / lm_head format per bit width (see quantize_weights).
+DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
 
 _GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
@@ -101,17 +109,41 @@ class _Progress:
             self.bar.close()
 
 
+def _importance(H, is_embed: bool) -> np.ndarray | None:
+    """Per-input importance for the search quantizer: mean x^2 of each input
+    channel (diag H). A tied embedding is both a lookup table (plain error
+    matters) and lm_head (diag H matters): it gets the blend diag/mean + 1."""
+    if H is None:
+        return None
+    d = np.maximum(np.diag(H), 0.0)
+    mean = d.mean()
+    if mean <= 0:
+        return None
+    return d / mean + 1.0 if is_embed else d
+
+
 def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: int,
                      group_size: int = DEFAULT_GROUP_SIZE, method: str = "search",
                      hessians: dict | None = None, progress: bool = True,
-                     act_order: bool = True) -> dict[str, np.ndarray | QuantizedTensor]:
+                     act_order: bool = False, damp: float | None = None,
+                     embed_bits: int | None = None,
+                     embed_group_size: int = 32) -> dict[str, np.ndarray | QuantizedTensor]:
     """HF name -> float32 array (norms, biases) or QuantizedTensor (every matrix).
 
     hessians: HF name -> H [K, K] from ``collect_hessians``; required for
     "gptq", optional for "search" (then each input channel's error is
     weighted by its mean x^2). act_order: GPTQ visits columns by decreasing
-    mean x^2 (static groups; the stored layout is unchanged).
+    mean x^2 (static groups; the stored layout is unchanged). damp: GPTQ's
+    dampening, default GPTQ_DAMP. embed_bits: format of the embedding and
+    lm_head (None: DEFAULT_EMBED_BITS[bits]); like llama.cpp, which keeps the
+    output tensor at 6+ bits, Lingli keeps them at int8 by default: on small
+    models with tied embeddings a 4-bit output layer costs tens of percent
+    of perplexity (SmolLM2-135M int4 g64: +39% either way, g32: +0.4% with an
+    int8 embedding).
     """
+    embed_bits = DEFAULT_EMBED_BITS.get(bits, 8) if embed_bits is None else embed_bits
+    if embed_bits not in BITS:
+        raise ValueError(f"unsupported embedding bit width {embed_bits}")
     _check_args(bits, group_size, method)
     if method == "gptq" and not hessians:
         raise ValueError("method 'gptq' needs calibration Hessians (hessians=collect_hessians(...))")
@@ -140,18 +172,27 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
     try:
         for names in jobs:
             mats = [np.asarray(weights[n], dtype=np.float32) for n in names]
-            H = None if hessians is None else hessians.get(names[0])
             is_embed = names[0] == "model.embed_tokens.weight"
-            if method == "rtn":
+            H = None
+            if hessians is not None:
+                # A tied embedding is also the output layer: weight by lm_head's input.
+                H = hessians.get("lm_head.weight" if is_embed else names[0])
+                if is_embed and not config.tie_word_embeddings:
+                    H = None
+            is_out = names[0] in ("model.embed_tokens.weight", "lm_head.weight")
+            jb, jg = (embed_bits, embed_group_size) if is_out else (bits, group_size)
+            if is_out and (jb, jg) != (bits, group_size):
+                qts = [quantize_search(mats[0], jb, jg, _importance(H, is_embed))]
+            elif method == "rtn":
                 qts = [quantize_rtn(mats[0], bits, group_size)]
-            elif method == "search" or is_embed or H is None:
-                if method == "gptq" and not is_embed:
-                    raise ValueError(f"method 'gptq': no Hessian for {names[0]!r}")
-                imp = None if (H is None or is_embed) else np.diag(H)
-                qts = [quantize_search(m, bits, group_size, imp) for m in mats]
+            elif method == "search" or is_embed:
+                qts = [quantize_search(m, bits, group_size, _importance(H, is_embed)) for m in mats]
             else:
+                if H is None:
+                    raise ValueError(f"method 'gptq': no Hessian for {names[0]!r}")
                 w = mats[0] if len(mats) == 1 else np.concatenate(mats)
-                qt = gptq_quantize(w, H, bits, group_size, act_order=act_order)
+                qt = gptq_quantize(w, H, bits, group_size, act_order=act_order,
+                                   damp=GPTQ_DAMP if damp is None else damp)
                 qts = _split_rows(qt, [m.shape[0] for m in mats]) if len(mats) > 1 else [qt]
             for n, qt in zip(names, qts):
                 out[n] = qt
@@ -167,11 +208,14 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
 def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
                    group_size: int = DEFAULT_GROUP_SIZE, method: str | None = None,
                    calibration_texts=None, n_tokens: int = 2048, window: int = 512,
-                   progress: bool = True, overwrite: bool = False) -> Path:
+                   progress: bool = True, overwrite: bool = False,
+                   calibrate: bool | None = None) -> Path:
     """Float checkpoint directory -> Lingli quantized checkpoint directory.
 
-    method None picks ``DEFAULT_METHOD[bits]``; "gptq" (and "search", to
-    weight its error) runs calibration text through the float model first.
+    method None picks ``DEFAULT_METHOD[bits]``. calibrate: run calibration
+    text through the float model first (needed by "gptq"; lets "search" weight
+    its error by each input's mean x^2). None: for gptq, and for search below
+    8 bits.
     """
     from runtime.loader import load_weights
 
@@ -187,7 +231,9 @@ def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
                          "quantize from the float checkpoint")
     t0 = time.time()
     hessians = None
-    if method in ("gptq", "search"):
+    if calibrate is None:
+        calibrate = method == "gptq" or (method == "search" and bits < 8)
+    if calibrate or method == "gptq":
         hessians = collect_hessians(src, calibration_texts, n_tokens=n_tokens, window=window,
                                     progress=progress)
     weights = load_weights(src, config, "fp32")
