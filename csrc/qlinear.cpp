@@ -217,6 +217,31 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out) {
     // Work ~ weight bytes for decode; for prefill the products dominate.
     int nt = threads_for_bytes(weight_bytes(w) + m * w.n * w.kp / 16);
     if (nt > w.n) nt = static_cast<int>(w.n);
+#if defined(__x86_64__)
+    if (path == QPath::Avx512Vnni && m >= kVnniTileMinRows) {
+        // Activations rearranged once (threads split the tiles), then shared.
+        VnniTiles* tiles = vnni_tiles(w, acts);
+        const int64_t ntile = vnni_tile_count(tiles);
+        if (nt <= 1) {
+            vnni_tiles_fill(tiles, acts, 0, ntile);
+            qgemm_avx512_tiles(w, tiles, 0, w.n, out, w.n);
+            return;
+        }
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+            const int64_t t = 0, nth = 1;
+#endif
+            vnni_tiles_fill(tiles, acts, ntile * t / nth, ntile * (t + 1) / nth);
+#pragma omp barrier
+            const int64_t r0 = w.n * t / nth, r1 = w.n * (t + 1) / nth;
+            if (r1 > r0) qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n);
+        }
+        return;
+    }
+#endif
     if (nt <= 1) {
         fn(w, acts, 0, w.n, out, w.n);
         return;

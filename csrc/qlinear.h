@@ -59,6 +59,19 @@ void quantize_acts_avx512(const float* x, int64_t m, int64_t k, int64_t kp,
                           int8_t* q, float* d, int32_t* sums);
 // The quantized AVX-512 path needs AVX-512 F/BW/VL and VNNI, not just AVX-512F.
 bool cpu_has_avx512_vnni();
+
+// AVX-512 VNNI prefill (a.m >= kVnniTileMinRows): the activation rows are
+// rearranged once per call into tiles of 16 rows (one per int32 lane), which
+// every thread then shares. vnni_tiles() sizes the calling thread's buffer
+// (serially); vnni_tiles_fill() fills tiles [t0, t1) (threads split the
+// tiles); qgemm_avx512_tiles() then takes weight rows [r0, r1).
+struct VnniTiles;
+constexpr int64_t kVnniTileMinRows = 12;
+VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a);
+int64_t vnni_tile_count(const VnniTiles* t);
+void vnni_tiles_fill(VnniTiles* t, const QActs& a, int64_t t0, int64_t t1);
+void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
+                        int64_t ldo);
 #endif
 
 // ------------------------------------------------------------ dispatcher ---

@@ -273,6 +273,244 @@ namespace vnni_ext {
 #undef LINGLI_VNNI_EXT
 }  // namespace vnni_ext
 
+// ======================================================= VNNI prefill ===
+// Many activation rows (qlinear.h: VnniTiles). Lanes are activation rows:
+// a tile holds 16 rows, and for block b its plane t (t = 0..7) is one
+// 64-byte vector whose int32 lane l holds codes 4t..4t+3 of row l's block b,
+// stored as x + 128 (unsigned, the vpdpbusd multiplicand that must be). The
+// weight codes are decoded per row block into int8 (int4/int3; int8 is used
+// in place) and enter vpdpbusd as a broadcast 4-byte operand, so one block of
+// one weight row against 16 activation rows is 8 vpdpbusd into one int32
+// accumulator (started at -128 * the block's weight code sum, which undoes
+// the +128), then cvt, * (d_b lanes * s) and one FMA. The 8 planes of a block
+// are loaded once and used by C = 8 weight rows.
+struct VnniTiles {
+    int64_t m = 0, ntile = 0, nb = 0, ng = 0, kp = 0;
+    int group_size = 32;
+    bool mins = false;
+    std::vector<uint8_t, Aligned64<uint8_t>> xq;  // [ntile][nb][8][64]
+    std::vector<float, Aligned64<float>> dl;      // [ntile][nb][16]: d of (row l, block b)
+    std::vector<float, Aligned64<float>> cl;      // int4/int3: [ntile][ng][16] min coefficients C_g
+};
+
+VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a) {
+    thread_local VnniTiles t;
+    t.m = a.m;
+    t.ntile = (a.m + 15) / 16;
+    t.kp = a.kp;
+    t.nb = a.kp / QBLOCK;
+    t.ng = a.kp / w.group_size;
+    t.group_size = w.group_size;
+    t.mins = w.mins != nullptr;
+    t.xq.resize(static_cast<size_t>(t.ntile * t.nb * 512));
+    t.dl.resize(static_cast<size_t>(t.ntile * t.nb * 16));
+    if (t.mins) t.cl.resize(static_cast<size_t>(t.ntile * t.ng * 16));
+    return &t;
+}
+
+int64_t vnni_tile_count(const VnniTiles* t) { return t->ntile; }
+
+// Per tile and block: the 16 x 32 codes are transposed as 16 x 8 dwords by
+// three rounds of two-source dword permutes (rows 4q..4q+3 per vector, then
+// 8, then 16), offset by 128 and stored as the 8 planes.
+LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t0, int64_t t1) {
+    VnniTiles& t = *tp;
+    const int64_t nb = t.nb, ng = t.ng, bpg = t.group_size / QBLOCK;
+    alignas(64) int32_t i1[2][16], i2[2][16], i3[2][16];
+    for (int h = 0; h < 2; ++h)
+        for (int n = 0; n < 16; ++n) {
+            const int j1 = 4 * h + n / 4, r1 = n % 4;  // stage 1: lane j'*4 + r'
+            i1[h][n] = (r1 >> 1) * 16 + (r1 & 1) * 8 + j1;
+            const int j2 = 2 * h + n / 8, r2 = n % 8;  // stage 2 (e = h): lane jj*8 + r''
+            i2[h][n] = (r2 >> 2) * 16 + j2 * 4 + (r2 & 3);
+            i3[h][n] = (n >> 3) * 16 + h * 8 + (n & 7);  // stage 3 (jj = h): lane l
+        }
+    const __m512i I1[2] = {_mm512_load_si512(i1[0]), _mm512_load_si512(i1[1])};
+    const __m512i I2[2] = {_mm512_load_si512(i2[0]), _mm512_load_si512(i2[1])};
+    const __m512i I3[2] = {_mm512_load_si512(i3[0]), _mm512_load_si512(i3[1])};
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t T = t0; T < t1; ++T) {
+        uint8_t* xq = t.xq.data() + T * nb * 512;
+        float* dl = t.dl.data() + T * nb * 16;
+        const int nl = static_cast<int>(std::min<int64_t>(16, t.m - T * 16));
+        const int8_t* src[16];
+        for (int l = 0; l < 16; ++l) src[l] = a.q + (T * 16 + std::min(l, nl - 1)) * a.kp;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m512i Z[8];
+            for (int p = 0; p < 8; ++p) {
+                const __m256i lo = 2 * p < nl ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[2 * p] + b * 32))
+                                              : _mm256_setzero_si256();
+                const __m256i hi = 2 * p + 1 < nl ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[2 * p + 1] + b * 32))
+                                                  : _mm256_setzero_si256();
+                Z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            }
+            __m512i A[4][2], B[2][2][2];
+            for (int q = 0; q < 4; ++q)
+                for (int h = 0; h < 2; ++h) A[q][h] = _mm512_permutex2var_epi32(Z[2 * q], I1[h], Z[2 * q + 1]);
+            for (int s2 = 0; s2 < 2; ++s2)
+                for (int h = 0; h < 2; ++h)
+                    for (int e = 0; e < 2; ++e)
+                        B[s2][h][e] = _mm512_permutex2var_epi32(A[2 * s2][h], I2[e], A[2 * s2 + 1][h]);
+            for (int h = 0; h < 2; ++h)
+                for (int e = 0; e < 2; ++e)
+                    for (int jj = 0; jj < 2; ++jj) {
+                        const int j = 4 * h + 2 * e + jj;
+                        const __m512i P = _mm512_permutex2var_epi32(B[0][h][e], I3[jj], B[1][h][e]);
+                        _mm512_store_si512(xq + b * 512 + j * 64, _mm512_xor_si512(P, flip));
+                    }
+            for (int l = 0; l < 16; ++l) dl[b * 16 + l] = l < nl ? a.d[(T * 16 + l) * nb + b] : 0.f;
+        }
+        if (t.mins) {
+            float* cl = t.cl.data() + T * ng * 16;
+            for (int l = 0; l < 16; ++l) {
+                const int64_t i = T * 16 + l;
+                const float* d = a.d + i * nb;
+                const int32_t* s = a.sums + i * nb;
+                for (int64_t g = 0; g < ng; ++g) {
+                    float c = 0.f;
+                    if (l < nl)
+                        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) c += d[b] * static_cast<float>(s[b]);
+                    cl[g * 16 + l] = c;
+                }
+            }
+        }
+    }
+}
+
+namespace {
+
+// Decoded weight rows [ra, rb): int8 codes (int4/int3), -128 * block code
+// sums, and f32 scales and mins.
+struct TileWeights {
+    std::vector<int8_t, Aligned64<int8_t>> codes;  // [rows][kp] (int4/int3)
+    std::vector<int32_t> init;                     // [rows][nb]
+    std::vector<float> sf, mf;                     // [rows][ng]
+};
+
+LINGLI_TARGET_AVX2 void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
+    const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
+    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    if (w.bits != 8) tw.codes.resize(static_cast<size_t>(n * w.kp));
+    tw.init.resize(static_cast<size_t>(n * nb));
+    tw.sf.resize(static_cast<size_t>(n * ng));
+    if (w.mins) tw.mf.resize(static_cast<size_t>(n * ng));
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int64_t r = ra; r < rb; ++r) {
+        const int64_t rr = r - ra;
+        const uint8_t* q = w.q + r * qstride;
+        const uint8_t* qh = w.qh ? w.qh + r * (w.kp / 8) : nullptr;
+        int32_t* init = tw.init.data() + rr * nb;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m256i sad;
+            int32_t bias = 0;
+            if (w.bits == 8) {
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
+                sad = _mm256_sad_epu8(_mm256_xor_si256(v, flip), _mm256_setzero_si256());
+                bias = -32 * 128;
+            } else {
+                const __m256i v = unpack_block_avx2(w, q, qh, b);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(tw.codes.data() + rr * w.kp + b * 32), v);
+                sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
+            }
+            __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+            s2 = _mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2));
+            init[b] = -128 * (static_cast<int32_t>(_mm_cvtsi128_si32(s2)) + bias);
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+            tw.sf[rr * ng + g] = _cvtsh_ss(w.scales[r * ng + g]);
+            if (w.mins) tw.mf[rr * ng + g] = _cvtsh_ss(w.mins[r * ng + g]);
+        }
+    }
+}
+
+// One tile (16 activation rows) x C weight rows: res[c][l] = y of row l.
+template <int C, int BPG, bool MINS>
+LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* codes, int64_t cstride,
+                               const int32_t* init, const float* sf, const float* mf,
+                               float (&res)[C][16]) {
+    const int64_t nb = tl.nb, ng = tl.ng;
+    const uint8_t* xq = tl.xq.data() + T * nb * 512;
+    const float* dl = tl.dl.data() + T * nb * 16;
+    __m512 f[C];
+    for (int c = 0; c < C; ++c) f[c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 4
+        for (int bb = 0; bb < BPG; ++bb) {
+            const int64_t b = g * BPG + bb;
+            __m512i x[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) x[j] = _mm512_load_si512(xq + b * 512 + j * 64);
+            const __m512 d = _mm512_load_ps(dl + b * 16);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const int8_t* wp = codes + c * cstride + b * 32;
+                __m512i ia = _mm512_set1_epi32(init[c * nb + b]);
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) {
+                    int32_t wv;
+                    std::memcpy(&wv, wp + 4 * j, 4);
+                    ia = _mm512_dpbusd_epi32(ia, x[j], _mm512_set1_epi32(wv));
+                }
+                f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(d, _mm512_set1_ps(sf[c * ng + g])),
+                                       f[c]);
+            }
+        }
+    }
+    if constexpr (MINS) {
+        const float* cl = tl.cl.data() + T * ng * 16;
+        for (int64_t g = 0; g < ng; ++g) {
+            const __m512 cv = _mm512_load_ps(cl + g * 16);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) f[c] = _mm512_fmadd_ps(cv, _mm512_set1_ps(mf[c * ng + g]), f[c]);
+        }
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(res[c], f[c]);
+}
+
+template <int C, int BPG, bool MINS>
+void tile16_rows(const QMatrix& w, const VnniTiles& tl, int64_t T, const TileWeights& tw, int64_t ra,
+                 int64_t c0, float* out, int64_t ldo) {
+    const int64_t nb = tl.nb, ng = tl.ng, rr = c0 - ra;
+    const int8_t* codes = w.bits == 8 ? reinterpret_cast<const int8_t*>(w.q) + c0 * w.kp
+                                      : tw.codes.data() + rr * w.kp;
+    float res[C][16];
+    tile16<C, BPG, MINS>(tl, T, codes, w.kp, tw.init.data() + rr * nb, tw.sf.data() + rr * ng,
+                         MINS ? tw.mf.data() + rr * ng : nullptr, res);
+    const int64_t nl = std::min<int64_t>(16, tl.m - T * 16);
+    for (int64_t l = 0; l < nl; ++l)
+        for (int c = 0; c < C; ++c) out[(T * 16 + l) * ldo + c0 + c] = res[c][l];
+}
+
+template <int BPG, bool MINS>
+void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    thread_local TileWeights tw;
+    // Weight rows per block: their decoded codes stay in L2 while every tile passes.
+    const int64_t rbk = std::max<int64_t>(32, (kRowBlockBytes * 3 / 4) / std::max<int64_t>(1, w.kp) / 8 * 8);
+    for (int64_t ra = r0; ra < r1; ra += rbk) {
+        const int64_t rb = std::min(r1, ra + rbk);
+        decode_tile_rows(w, ra, rb, tw);
+        for (int64_t T = 0; T < tl.ntile; ++T) {
+            int64_t c0 = ra;
+            for (; c0 + 8 <= rb; c0 += 8) tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+            if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
+            if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
+            if (c0 < rb) tile16_rows<1, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+        }
+    }
+}
+
+}  // namespace
+
+void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
+                        int64_t ldo) {
+    const bool mins = w.mins != nullptr;
+    switch (w.group_size / QBLOCK) {
+        case 1: mins ? run_tiles<1, true>(w, *t, r0, r1, out, ldo) : run_tiles<1, false>(w, *t, r0, r1, out, ldo); break;
+        case 2: mins ? run_tiles<2, true>(w, *t, r0, r1, out, ldo) : run_tiles<2, false>(w, *t, r0, r1, out, ldo); break;
+        default: mins ? run_tiles<4, true>(w, *t, r0, r1, out, ldo) : run_tiles<4, false>(w, *t, r0, r1, out, ldo); break;
+    }
+}
+
 // ============================================================ exported ===
 
 LINGLI_TARGET_AVX2 void quantize_acts_avx2(const float* x, int64_t m, int64_t k, int64_t kp,

@@ -183,36 +183,18 @@ def prepare_lingli(model_dir, quant: str | None, method: str | None = None,
                    group_size: int | None = None, fresh: bool = False, log=_log):
     """(path, quant argument for LLM) to run `model_dir` as `quant`.
 
-    int8/int4/int3 are quantized once into cache_dir()/quantized/<model>-<quant>-g<G>-<method>
-    (runtime.quant.api.quantize_checkpoint) and loaded from there, so a benchmark does
-    not repeat GPTQ on every run. method None: Lingli's default for the bit width
-    ("search" instead of "gptq" when the model has no tokenizer to calibrate with).
+    int8/int4/int3 are quantized once into the cache (runtime.hub.quantized_copy)
+    and loaded from there, so a benchmark does not repeat GPTQ on every run.
     """
     from .config import ModelConfig
-    from .hub import cache_dir
+    from .hub import quantized_copy
 
     d = Path(model_dir)
     if quant not in ("int8", "int4", "int3"):
         return d, quant
-    cfg = ModelConfig.from_dir(d)
-    if cfg.quantization_config:
+    if ModelConfig.from_dir(d).quantization_config:
         return d, None
-    from .quant.api import quantize_checkpoint
-    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD
-
-    bits = int(quant[3:])
-    gs = group_size or DEFAULT_GROUP_SIZE
-    m = method or DEFAULT_METHOD[bits]
-    if m == "gptq" and not any((d / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
-        log(f"{d.name} has no tokenizer to calibrate GPTQ with; quantizing {quant} with 'search'")
-        m = "search"
-    out = cache_dir() / "quantized" / f"{d.name}-{quant}-g{gs}-{m}"
-    if fresh or not (out / "config.json").is_file():
-        t0 = time.perf_counter()
-        log(f"quantizing {d} to {quant} (g{gs}, {m}) into {out} (once) ...")
-        quantize_checkpoint(d, out, bits, gs, m, overwrite=True, progress=False)
-        log(f"quantized in {time.perf_counter() - t0:.0f} s")
-    return out, None
+    return quantized_copy(d, quant, group_size, method, fresh=fresh), None
 
 
 def load_llm(model_dir, quant: str | None, threads: int, max_model_len: int,

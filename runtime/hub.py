@@ -196,29 +196,44 @@ def resolve_model(name_or_path) -> Path:
                             f"(known: {', '.join(known_model_names())})")
 
 
+def quantized_copy(src: str | Path, quant: str, group_size: int | None = None,
+                   method: str | None = None, fresh: bool = False) -> Path:
+    """A float checkpoint's quantized copy in cache_dir()/quantized/, made on first use.
+
+    Benchmarks and `lingli chat` load it instead of quantizing at every start
+    (GPTQ takes a minute). method None: the default for the bit width, with
+    "search" instead of "gptq" when the model has no tokenizer to calibrate with.
+    """
+    from .quant.api import quantize_checkpoint
+    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD
+
+    src = Path(src)
+    bits = int(quant[3:])
+    group_size = group_size or DEFAULT_GROUP_SIZE
+    method = method or DEFAULT_METHOD[bits]
+    if method == "gptq" and not any((src / f).is_file()
+                                    for f in ("tokenizer.model", "tokenizer.json")):
+        _log(f"{src.name} has no tokenizer to calibrate GPTQ with; using 'search' for {quant}")
+        method = "search"
+    dst = cache_dir() / "quantized" / f"{src.name}-{quant}-g{group_size}-{method}"
+    if fresh or not (dst / "config.json").exists():
+        t0 = time.perf_counter()
+        _log(f"quantizing {src.name} to {quant} (group {group_size}, {method}) once into {dst}")
+        quantize_checkpoint(src, dst, bits=bits, group_size=group_size, method=method,
+                            overwrite=True)
+        _log(f"quantized in {time.perf_counter() - t0:.0f} s")
+    return dst
+
+
 def cached_quantized(name_or_path: str, quant: str | None, group_size: int | None = None,
                      method: str | None = None) -> Path | None:
-    """For a known model name and quant int8/int4/int3: its quantized checkpoint in the cache.
+    """For a known model name and quant int8/int4/int3: its cached quantized copy.
 
-    The first call quantizes the float checkpoint and writes it (with a progress
-    bar); later calls load it directly, so `lingli chat` starts at once. Returns
-    None for anything else (directories the user owns are never written next to).
+    Returns None for anything else: directories the user owns are quantized at
+    load (LLM(quant=...)), never written next to.
     """
     name = str(name_or_path)
     if quant not in ("int8", "int4", "int3") or Path(name).expanduser().exists() \
             or _lookup(name) is None:
         return None
-    from .quant.api import quantize_checkpoint
-    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD
-
-    bits = int(quant[3:])
-    group_size = group_size or DEFAULT_GROUP_SIZE
-    method = method or DEFAULT_METHOD[bits]
-    src = resolve_model(name_or_path)
-    dst = cache_dir() / f"{src.name}-{quant}-g{group_size}-{method}"
-    if not (dst / "config.json").exists():
-        print(f"[lingli] quantizing {src.name} to {quant} (group {group_size}, {method}) "
-              f"once into {dst}", file=sys.stderr)
-        quantize_checkpoint(src, dst, bits=bits, group_size=group_size, method=method,
-                            overwrite=True)
-    return dst
+    return quantized_copy(resolve_model(name), quant, group_size, method)

@@ -218,3 +218,17 @@ def test_defaults():
     assert DEFAULT_GROUP_SIZE in GROUP_SIZES
     assert set(DEFAULT_METHOD) == {8, 4, 3}
     assert all(m in ("rtn", "search", "gptq") for m in DEFAULT_METHOD.values())
+
+
+def test_int3_mix_keeps_down_proj_at_int4(tiny):
+    """int3 models keep mlp.down_proj at int4 (like Q3_K_M's ffn_down); `mix` overrides it."""
+    from runtime.loader import load_weights
+
+    path, cfg = tiny
+    weights = load_weights(path, cfg, "fp32")
+    q = quantize_weights(weights, cfg, 3, 32, "rtn", progress=False)
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert (q[down].bits, q[down].group_size) == (4, 32)
+    assert q["model.layers.0.mlp.up_proj.weight"].bits == 3
+    plain = quantize_weights(weights, cfg, 3, 32, "rtn", progress=False, mix={})
+    assert plain[down].bits == 3

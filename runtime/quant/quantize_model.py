@@ -51,6 +51,17 @@ GPTQ_DAMP = 0.1
 DEFAULT_METHOD = {8: "search", 4: "search", 3: "gptq"}
 # The embedding / lm_head format per bit width (see quantize_weights).
 DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
+# Per-matrix exceptions by name suffix -> (bits, group size). int3 keeps the MLP's
+# down projection at int4, as llama.cpp's Q3_K_M keeps ffn_down at 4-5 bits.
+DEFAULT_MIX: dict[int, dict[str, tuple[int, int]]] = {3: {"mlp.down_proj.weight": (4, 32)}}
+
+
+def _mix_format(name: str, mix: dict[str, tuple[int, int]], bits: int,
+                group_size: int) -> tuple[int, int]:
+    for suffix, fmt in mix.items():
+        if name.endswith(suffix):
+            return fmt
+    return bits, group_size
 
 _GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
@@ -126,8 +137,9 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
                      group_size: int = DEFAULT_GROUP_SIZE, method: str = "search",
                      hessians: dict | None = None, progress: bool = True,
                      act_order: bool = False, damp: float | None = None,
-                     embed_bits: int | None = None,
-                     embed_group_size: int = 32) -> dict[str, np.ndarray | QuantizedTensor]:
+                     embed_bits: int | None = None, embed_group_size: int = 32,
+                     mix: dict[str, tuple[int, int]] | None = None
+                     ) -> dict[str, np.ndarray | QuantizedTensor]:
     """HF name -> float32 array (norms, biases) or QuantizedTensor (every matrix).
 
     hessians: HF name -> H [K, K] from ``collect_hessians``; required for
@@ -142,6 +154,7 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
     int8 embedding).
     """
     embed_bits = DEFAULT_EMBED_BITS.get(bits, 8) if embed_bits is None else embed_bits
+    mix = DEFAULT_MIX.get(bits, {}) if mix is None else mix
     if embed_bits not in BITS:
         raise ValueError(f"unsupported embedding bit width {embed_bits}")
     _check_args(bits, group_size, method)
@@ -180,18 +193,21 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
                 if is_embed and not config.tie_word_embeddings:
                     H = None
             is_out = names[0] in ("model.embed_tokens.weight", "lm_head.weight")
-            jb, jg = (embed_bits, embed_group_size) if is_out else (bits, group_size)
+            # The job's format: the output layers' own, a mix override (int3 keeps
+            # down_proj at int4, as llama.cpp's Q3_K_M keeps ffn_down wider), or the default.
+            jb, jg = (embed_bits, embed_group_size) if is_out else \
+                _mix_format(names[0], mix, bits, group_size)
             if is_out and (jb, jg) != (bits, group_size):
                 qts = [quantize_search(mats[0], jb, jg, _importance(H, is_embed))]
             elif method == "rtn":
-                qts = [quantize_rtn(mats[0], bits, group_size)]
+                qts = [quantize_rtn(mats[0], jb, jg)]
             elif method == "search" or is_embed:
-                qts = [quantize_search(m, bits, group_size, _importance(H, is_embed)) for m in mats]
+                qts = [quantize_search(m, jb, jg, _importance(H, is_embed)) for m in mats]
             else:
                 if H is None:
                     raise ValueError(f"method 'gptq': no Hessian for {names[0]!r}")
                 w = mats[0] if len(mats) == 1 else np.concatenate(mats)
-                qt = gptq_quantize(w, H, bits, group_size, act_order=act_order,
+                qt = gptq_quantize(w, H, jb, jg, act_order=act_order,
                                    damp=GPTQ_DAMP if damp is None else damp)
                 qts = _split_rows(qt, [m.shape[0] for m in mats]) if len(mats) > 1 else [qt]
             for n, qt in zip(names, qts):
