@@ -66,7 +66,7 @@ bool cpu_has_avx512_vnni();
 // (serially); vnni_tiles_fill() fills tiles [t0, t1) (threads split the
 // tiles); qgemm_avx512_tiles() then takes weight rows [r0, r1).
 struct VnniTiles;
-constexpr int64_t kVnniTileMinRows = 12;
+constexpr int64_t kVnniTileMinRows = 16;
 VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a);
 int64_t vnni_tile_count(const VnniTiles* t);
 void vnni_tiles_fill(VnniTiles* t, const QActs& a, int64_t t0, int64_t t1);

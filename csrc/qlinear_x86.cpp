@@ -25,9 +25,11 @@
 // with the weight scales (the octet's f16 scales, converted and spread by one
 // permute). Decode (run_decode) streams one weight row at a time with no
 // masks on full octets, 16 scales converted at a time and software prefetch
-// kPrefetchBytes ahead; for several activation rows, up to 4 x-rows x 2
-// weight rows share the unpacked weights and x loads, and weight rows are
-// taken in L2-sized blocks while all x tiles pass. The activation buffers are
+// kPrefetchBytes ahead; for a few activation rows (< kVnniTileMinRows), up to
+// 4 x-rows x 2 weight rows share the unpacked weights and x loads, and weight
+// rows are taken in L2-sized blocks while all x tiles pass. Prefill (more
+// rows) has its own kernel with activation rows in the int32 lanes (see
+// "VNNI prefill" below). The activation buffers are
 // 64-byte aligned; weights need not be (numpy and mmap views often are not),
 // so each weight vector is loaded once and split-line loads stay few.
 //
@@ -387,7 +389,7 @@ struct TileWeights {
     std::vector<float> sf, mf;                     // [rows][ng]
 };
 
-LINGLI_TARGET_AVX2 void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
+LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
     const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
     if (w.bits != 8) tw.codes.resize(static_cast<size_t>(n * w.kp));
@@ -400,7 +402,30 @@ LINGLI_TARGET_AVX2 void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
         const uint8_t* q = w.q + r * qstride;
         const uint8_t* qh = w.qh ? w.qh + r * (w.kp / 8) : nullptr;
         int32_t* init = tw.init.data() + rr * nb;
-        for (int64_t b = 0; b < nb; ++b) {
+        int64_t b = 0;
+        if (w.bits == 4) {
+            // 4 blocks per step: the 128-bit lane k of a 64-byte load is block
+            // k; its low nibbles (codes 0-15) and high nibbles (16-31) go out
+            // in order, and the nibble sums give the block code sums.
+            const __m512i m4 = _mm512_set1_epi8(0x0F);
+            const __m512i ix0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+            const __m512i ix1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+            const __m512i ixs = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            int8_t* dst = tw.codes.data() + rr * w.kp;
+            for (; b + 4 <= nb; b += 4) {
+                const __m512i W = _mm512_loadu_si512(q + b * 16);
+                const __m512i lo = _mm512_and_si512(W, m4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), m4);
+                _mm512_storeu_si512(dst + b * 32, _mm512_permutex2var_epi64(lo, ix0, hi));
+                _mm512_storeu_si512(dst + b * 32 + 64, _mm512_permutex2var_epi64(lo, ix1, hi));
+                __m512i sm = _mm512_add_epi64(_mm512_sad_epu8(lo, _mm512_setzero_si512()),
+                                              _mm512_sad_epu8(hi, _mm512_setzero_si512()));
+                sm = _mm512_add_epi64(sm, _mm512_shuffle_epi32(sm, _MM_PERM_BADC));
+                const __m128i s4 = _mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, sm));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(init + b), _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
+            }
+        }
+        for (; b < nb; ++b) {
             __m256i sad;
             int32_t bias = 0;
             if (w.bits == 8) {
@@ -434,6 +459,7 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
     __m512 f[C];
     for (int c = 0; c < C; ++c) f[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
+        __m512 u[C];  // sum over the group's blocks of d_b * dot_b, then * s once
 #pragma GCC unroll 4
         for (int bb = 0; bb < BPG; ++bb) {
             const int64_t b = g * BPG + bb;
@@ -444,17 +470,25 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
 #pragma GCC unroll 8
             for (int c = 0; c < C; ++c) {
                 const int8_t* wp = codes + c * cstride + b * 32;
-                __m512i ia = _mm512_set1_epi32(init[c * nb + b]);
+                __m512i ia = _mm512_set1_epi32(init[c * nb + b]), ib = _mm512_setzero_si512();
 #pragma GCC unroll 8
-                for (int j = 0; j < 8; ++j) {
-                    int32_t wv;
-                    std::memcpy(&wv, wp + 4 * j, 4);
-                    ia = _mm512_dpbusd_epi32(ia, x[j], _mm512_set1_epi32(wv));
+                for (int j = 0; j < 8; j += 2) {
+                    // The 4 weight codes as an embedded broadcast operand (GCC
+                    // would load them with a separate vpbroadcastd).
+                    __asm__("vpdpbusd %2%{1to16%}, %1, %0"
+                            : "+v"(ia)
+                            : "v"(x[j]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j)));
+                    __asm__("vpdpbusd %2%{1to16%}, %1, %0"
+                            : "+v"(ib)
+                            : "v"(x[j + 1]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j + 4)));
                 }
-                f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(d, _mm512_set1_ps(sf[c * ng + g])),
-                                       f[c]);
+                ia = _mm512_add_epi32(ia, ib);
+                const __m512 p = _mm512_cvtepi32_ps(ia);
+                u[c] = bb == 0 ? _mm512_mul_ps(p, d) : _mm512_fmadd_ps(p, d, u[c]);
             }
         }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) f[c] = _mm512_fmadd_ps(u[c], _mm512_set1_ps(sf[c * ng + g]), f[c]);
     }
     if constexpr (MINS) {
         const float* cl = tl.cl.data() + T * ng * 16;

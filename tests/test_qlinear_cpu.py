@@ -333,3 +333,32 @@ def test_quantize_acts_bad_input():
         _C.quantize_acts(x.astype(np.float64), 64)
     with pytest.raises(ValueError, match=r"\bx\b"):
         _C.quantize_acts(np.zeros((4, 80), np.float32)[:, ::2], 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("m", [16, 40])
+def test_prefill_tile_path_matches_plain(bits, group_size, m):
+    """M >= 16 takes the tiled prefill kernel on VNNI CPUs; it must agree with plain."""
+    from runtime.quant.formats import quantize_rtn
+
+    rng = np.random.default_rng(bits * 100 + group_size + m)
+    k, n = 200, 37                                  # K not a multiple of G, odd N
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[3, 5] = 40.0                                  # an outlier in one group
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[2] = 0.0                                      # a zero row
+    x[5, :7] = 1e3                                  # a huge block
+    qt = quantize_rtn(w, bits, group_size)
+    args = (bits, group_size, qt.q, qt.qh, qt.scales, qt.mins)
+    prev = _C.isa()
+    try:
+        _C.set_isa("plain")
+        ref = _C.qlinear(x, *args)
+        for isa in _C.available_isas():
+            _C.set_isa(isa)
+            got = _C.qlinear(x, *args)
+            scale = np.abs(ref).max()
+            assert np.abs(got - ref).max() <= 1e-5 * scale, isa
+    finally:
+        _C.set_isa(prev)
