@@ -16,7 +16,7 @@ fi
 CONSTRAINTS=(-c constraints.txt)
 
 stamp="$VENV/.lingli-build-stamp"
-want="$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -d' ' -f1)"
+want="$(find setup.py pyproject.toml csrc -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
         || ! "$VENV/bin/python" -c "import runtime._C" 2>/dev/null; then
     echo "[setup] installing Lingli (builds the C++ extension, ~30 s)" >&2
