@@ -12,6 +12,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "parallel.h"
 #include "simd.h"  // before <immintrin.h>: holds the GCC 12 warning workaround
 
 #if defined(__x86_64__)
@@ -408,21 +409,7 @@ void rows_multi(const LinearKernels& kern, const float* x, float* y, int64_t M, 
 // so each thread streams its own slice of the weight matrix.
 template <class Fn>
 void split_rows(int64_t N, int64_t weight_bytes, Fn fn) {
-    int nt = threads_for_bytes(weight_bytes);
-    if (nt > N) nt = static_cast<int>(N);
-    if (nt <= 1) {
-        fn(int64_t(0), N);
-        return;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-        const int64_t t = 0, nth = 1;
-#endif
-        fn(N * t / nth, N * (t + 1) / nth);
-    }
+    parallel_ranges(N, threads_for_bytes(weight_bytes), fn);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"  // half_to_float
+#include "parallel.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -156,23 +157,9 @@ QuantFn quant_for(QPath p) {
 void quantize_acts_with(QuantFn fn, const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q,
                         float* d, int32_t* sums) {
     const int64_t nb = kp / QBLOCK;
-    int nt = threads_for_bytes(m * k * 4);
-    if (nt > m) nt = static_cast<int>(m);
-    if (nt <= 1) {
-        fn(x, m, k, kp, q, d, sums);
-        return;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-        const int64_t t = 0, nth = 1;
-#endif
-        const int64_t i0 = m * t / nth, i1 = m * (t + 1) / nth;
-        if (i1 > i0)
-            fn(x + i0 * k, i1 - i0, k, kp, q + i0 * kp, d + i0 * nb, sums + i0 * nb);
-    }
+    parallel_ranges(m, threads_for_bytes(m * k * 4), [&](int64_t i0, int64_t i1) {
+        fn(x + i0 * k, i1 - i0, k, kp, q + i0 * kp, d + i0 * nb, sums + i0 * nb);
+    });
 }
 
 int64_t weight_bytes(const QMatrix& w) {
@@ -242,20 +229,7 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out) {
         return;
     }
 #endif
-    if (nt <= 1) {
-        fn(w, acts, 0, w.n, out, w.n);
-        return;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-        const int64_t t = 0, nth = 1;
-#endif
-        const int64_t r0 = w.n * t / nth, r1 = w.n * (t + 1) / nth;
-        if (r1 > r0) fn(w, acts, r0, r1, out, w.n);
-    }
+    parallel_ranges(w.n, nt, [&](int64_t r0, int64_t r1) { fn(w, acts, r0, r1, out, w.n); });
 }
 
 }  // namespace lingli
