@@ -14,6 +14,7 @@ nothing is downloaded. Progress goes to stderr.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -205,7 +206,7 @@ def quantized_copy(src: str | Path, quant: str, group_size: int | None = None,
     "search" instead of "gptq" when the model has no tokenizer to calibrate with.
     """
     from .quant.api import quantize_checkpoint
-    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD
+    from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD, RECIPE
 
     src = Path(src)
     bits = int(quant[3:])
@@ -216,13 +217,22 @@ def quantized_copy(src: str | Path, quant: str, group_size: int | None = None,
         _log(f"{src.name} has no tokenizer to calibrate GPTQ with; using 'search' for {quant}")
         method = "search"
     dst = cache_dir() / "quantized" / f"{src.name}-{quant}-g{group_size}-{method}"
-    if fresh or not (dst / "config.json").exists():
+    if fresh or _recipe_of(dst) != RECIPE:
         t0 = time.perf_counter()
         _log(f"quantizing {src.name} to {quant} (group {group_size}, {method}) once into {dst}")
         quantize_checkpoint(src, dst, bits=bits, group_size=group_size, method=method,
                             overwrite=True)
         _log(f"quantized in {time.perf_counter() - t0:.0f} s")
     return dst
+
+
+def _recipe_of(dst: Path) -> int | None:
+    """The quantization recipe a cached copy was made with (None: absent or unreadable)."""
+    try:
+        qc = json.loads((dst / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return qc.get("recipe")
 
 
 def cached_quantized(name_or_path: str, quant: str | None, group_size: int | None = None,

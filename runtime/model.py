@@ -22,22 +22,49 @@ from .kv_cache import PagedKVCache, SequenceKV
 from .quant.formats import QuantizedTensor, concat_rows
 
 
-def _cat_rows(parts: list) -> np.ndarray | QuantizedTensor:
-    """Stack weight matrices along the output dimension (float or quantized alike)."""
+@dataclass(frozen=True)
+class RowStack:
+    """Matrices of different formats stacked along the output dimension (an
+    int3 q/k next to an int4 v): one product each, outputs side by side."""
+    parts: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+def _fmt(w) -> tuple:
+    return (w.bits, w.group_size) if isinstance(w, QuantizedTensor) else ("float", w.dtype)
+
+
+def _cat_rows(parts: list, be) -> np.ndarray | QuantizedTensor | RowStack:
+    """Stack weight matrices along the output dimension into one matrix when they
+    share a format (one product per layer), else into a RowStack."""
+    if len({_fmt(p) for p in parts}) > 1:
+        return RowStack(tuple(be.weight(p) for p in parts))
     if isinstance(parts[0], QuantizedTensor):
-        return concat_rows(parts)
-    return np.concatenate(parts)
+        return be.weight(concat_rows(parts))
+    return be.weight(np.concatenate(parts))
+
+
+def _linear(be, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndarray:
+    if isinstance(w, RowStack):
+        y = np.concatenate([be.linear(x, p) for p in w.parts], axis=1)
+        if bias is not None:
+            y += bias
+        return y
+    return be.linear(x, w, bias)
 
 
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
-    wqkv: np.ndarray | QuantizedTensor          # [(Hq + 2 Hkv) * Dh, H]
+    wqkv: np.ndarray | QuantizedTensor | RowStack   # [(Hq + 2 Hkv) * Dh, H]
     bqkv: np.ndarray | None
     wo: np.ndarray              # [H, Hq * Dh]
     bo: np.ndarray | None
     mlp_norm: np.ndarray
-    w_gate_up: np.ndarray       # [2 F, H]
+    w_gate_up: np.ndarray | QuantizedTensor | RowStack   # [2 F, H]
     b_gate_up: np.ndarray | None
     w_down: np.ndarray          # [H, F]
     b_down: np.ndarray | None
@@ -69,7 +96,7 @@ class LlamaModel:
             p = f"model.layers.{i}."
             w = lambda name: weights[p + name]  # noqa: E731
             wqkv = _cat_rows([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                              w("self_attn.v_proj.weight")])
+                              w("self_attn.v_proj.weight")], be)
             bqkv = None
             if config.attention_bias:
                 bqkv = be.vector(np.concatenate([w("self_attn.q_proj.bias"),
@@ -77,13 +104,12 @@ class LlamaModel:
                                                  w("self_attn.v_proj.bias")]))
             self.layers.append(LayerWeights(
                 attn_norm=be.vector(w("input_layernorm.weight")),
-                wqkv=be.weight(wqkv),
+                wqkv=wqkv,
                 bqkv=bqkv,
                 wo=be.weight(w("self_attn.o_proj.weight")),
                 bo=be.vector(w("self_attn.o_proj.bias")) if config.attention_bias else None,
                 mlp_norm=be.vector(w("post_attention_layernorm.weight")),
-                w_gate_up=be.weight(_cat_rows([w("mlp.gate_proj.weight"),
-                                               w("mlp.up_proj.weight")])),
+                w_gate_up=_cat_rows([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], be),
                 b_gate_up=be.vector(np.concatenate([w("mlp.gate_proj.bias"),
                                                     w("mlp.up_proj.bias")]))
                 if config.mlp_bias else None,
@@ -111,7 +137,7 @@ class LlamaModel:
         x = be.embedding(self.embed, tokens)                                  # [T, H]
         for i, lw in enumerate(self.layers):
             h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-            qkv = be.linear(h, lw.wqkv, lw.bqkv)                              # [T, (hq+2hkv)dh]
+            qkv = _linear(be, h, lw.wqkv, lw.bqkv)                            # [T, (hq+2hkv)dh]
             q = np.ascontiguousarray(qkv[:, :hq * dh]).reshape(T, hq, dh)
             k = np.ascontiguousarray(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
             v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
@@ -121,7 +147,7 @@ class LlamaModel:
             attn = be.attention(q, cache, i, seq, positions, self.scale)       # [T, hq, dh]
             x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
             h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            gate_up = be.linear(h, lw.w_gate_up, lw.b_gate_up)                              # [T, 2F]
+            gate_up = _linear(be, h, lw.w_gate_up, lw.b_gate_up)                            # [T, 2F]
             f = gate_up.shape[1] // 2
             act = be.silu_mul(np.ascontiguousarray(gate_up[:, :f]),
                               np.ascontiguousarray(gate_up[:, f:]))

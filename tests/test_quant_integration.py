@@ -10,6 +10,7 @@ from runtime import LLM, SamplingParams
 from runtime.cli import main
 from runtime.errors import LingliError
 from runtime.quant.api import quantize_checkpoint
+from runtime.model import RowStack
 from runtime.quant.formats import QuantizedTensor
 from tiny_model import make_tiny_llama
 
@@ -33,7 +34,12 @@ def test_checkpoint_logits_bit_identical_to_quantize_at_load(float_dir, tmp_path
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (cfg["bits"], cfg["group_size"], cfg["method"]) == (int(quant[3:]), group_size, method)
     stored = LLM(str(out))
-    assert stored.quant == quant and isinstance(stored.model.layers[0].wqkv, QuantizedTensor)
+    assert stored.quant == quant
+    # int3 keeps k_proj at int4 (default_mix): its fused q/k/v is a RowStack of three.
+    qkv = stored.model.layers[0].wqkv
+    parts = qkv.parts if isinstance(qkv, RowStack) else [qkv]
+    assert all(isinstance(p, QuantizedTensor) for p in parts)
+    assert [p.bits for p in parts] == ([3, 4, 3] if quant == "int3" else [int(quant[3:])])
     assert isinstance(stored.model.embed, QuantizedTensor)
     ids = at_load.tokenizer.encode("the quick brown fox 你好")
     a, b = at_load.logits(ids), stored.logits(ids)

@@ -7,8 +7,8 @@ import pytest
 from runtime.config import ModelConfig
 from runtime.quant.formats import QuantizedTensor, quantize_rtn
 from runtime.quant.gptq import collect_hessians, default_calibration_text, gptq_quantize
-from runtime.quant.quantize_model import (DEFAULT_GROUP_SIZE, DEFAULT_METHOD, quantize_weights,
-                                          quantizable_names)
+from runtime.quant.quantize_model import (DEFAULT_GROUP_SIZE, DEFAULT_METHOD, GPTQ_DAMP,
+                                          quantizable_names, quantize_weights, use_more_bits)
 from runtime.quant.search import group_error, quantize_search
 from tiny_model import make_tiny_llama
 
@@ -220,15 +220,46 @@ def test_defaults():
     assert all(m in ("rtn", "search", "gptq") for m in DEFAULT_METHOD.values())
 
 
-def test_int3_mix_keeps_down_proj_at_int4(tiny):
-    """int3 models keep mlp.down_proj at int4 (like Q3_K_M's ffn_down); `mix` overrides it."""
+def test_use_more_bits_matches_llama_cpp():
+    # llama.cpp's use_more_bits for 32 layers: 0-3, 28-31, and 6, 9, ..., 27.
+    assert [i for i in range(32) if use_more_bits(i, 32)] == \
+        [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_int3_default_mix(tiny):
+    """int3 keeps k/up/down at int4 and gate at int4 in use_more_bits layers; `mix` overrides."""
     from runtime.loader import load_weights
 
     path, cfg = tiny
     weights = load_weights(path, cfg, "fp32")
     q = quantize_weights(weights, cfg, 3, 32, "rtn", progress=False)
-    down = "model.layers.0.mlp.down_proj.weight"
-    assert (q[down].bits, q[down].group_size) == (4, 32)
-    assert q["model.layers.0.mlp.up_proj.weight"].bits == 3
+    n = cfg.num_layers
+    for i in range(n):
+        p = f"model.layers.{i}."
+        bits = {nm: q[p + nm + ".weight"].bits for nm in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        assert bits == {"self_attn.q_proj": 3, "self_attn.k_proj": 4, "self_attn.v_proj": 3,
+                        "self_attn.o_proj": 3, "mlp.gate_proj": 4 if use_more_bits(i, n) else 3,
+                        "mlp.up_proj": 4, "mlp.down_proj": 4}, i
+        assert q[p + "mlp.down_proj.weight"].group_size == 32
     plain = quantize_weights(weights, cfg, 3, 32, "rtn", progress=False, mix={})
-    assert plain[down].bits == 3
+    assert all(qt.bits == 3 for name, qt in plain.items()
+               if name.startswith("model.layers.") and isinstance(qt, QuantizedTensor))
+
+
+def test_gptq_mixed_job_equals_separate_calls(tiny):
+    """q/k/v share one Hessian; with k at int4 they run as two GPTQ calls, each row
+    quantized exactly as a call on that matrix alone would."""
+    from runtime.loader import load_weights
+
+    path, cfg = tiny
+    weights = load_weights(path, cfg, "fp32")
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 256)
+    H = collect_hessians(path, ids, n_tokens=256, window=128)
+    q = quantize_weights(weights, cfg, 3, 32, "gptq", hessians=H, progress=False)
+    for nm, bits in (("self_attn.q_proj", 3), ("self_attn.k_proj", 4), ("self_attn.v_proj", 3)):
+        name = f"model.layers.0.{nm}.weight"
+        alone = gptq_quantize(weights[name], H[name], bits, 32, damp=GPTQ_DAMP)
+        assert q[name].bits == bits
+        assert np.array_equal(q[name].dequantize(), alone.dequantize()), nm

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..loader import load_weights
 from .checkpoint import save_quantized
 from .formats import check_format
-from .quantize_model import DEFAULT_METHOD, quantize_weights
+from .quantize_model import DEFAULT_METHOD, RECIPE, quantize_weights
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
@@ -36,5 +36,5 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
     weights = load_weights(src, config, None)
     qweights = quantize_weights(weights, config, bits, group_size, method,
                                 hessians=hessians, progress=progress)
-    info = {"bits": bits, "group_size": group_size, "method": method}
+    info = {"bits": bits, "group_size": group_size, "method": method, "recipe": RECIPE}
     return Path(save_quantized(dst, src, qweights, config, info, overwrite=overwrite))
