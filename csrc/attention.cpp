@@ -1,5 +1,8 @@
-// paged_attention: causal attention for one sequence, reading K/V straight
-// from the paged cache.
+// paged_attention: causal attention for a batch of sequences, reading K/V
+// straight from the paged cache. Query token t belongs to sequence
+// seq_ids[t] (row of block_tables) and attends to that sequence's keys at
+// positions 0..q_positions[t]: one call covers batched decode (one token per
+// sequence), chunked prefill (many tokens of one sequence) and any mix.
 //
 // Cache layout: k_cache/v_cache [num_blocks, Hkv, block_size, Dh]; key
 // position p lives in block block_table[p / block_size], slot p % block_size,
@@ -148,7 +151,8 @@ const AttnKernels& kernels_for(Isa isa) {
 }  // namespace
 
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
-                     const int32_t* block_table, const int32_t* q_positions, float* out,
+                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                     const int32_t* q_positions, float* out,
                      int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
                      float scale) {
     const AttnKernels& kern = kernels_for(current_isa());
@@ -168,6 +172,7 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
         for (int64_t it = 0; it < items; ++it) {
             const int64_t t = it / Hq, h = it % Hq, g = h / group;
             const int64_t len = int64_t(q_positions[t]) + 1;
+            const int32_t* block_table = block_tables + (seq_ids ? seq_ids[t] : 0) * table_stride;
             const float* qv = q + (t * Hq + h) * Dh;
             float* o = out + (t * Hq + h) * Dh;
 

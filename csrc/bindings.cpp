@@ -208,11 +208,13 @@ void softmax_(py::array x) {
 
 py::array paged_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                           const py::array& block_table, const py::array& q_positions,
-                          double scale) {
+                          double scale, const py::object& seq_ids_obj) {
     check_f32(q, "paged_attention: q", 3, "[T, Hq, Dh]");
     check_f32(k_cache, "paged_attention: k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
     check_f32(v_cache, "paged_attention: v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
-    check_i32(block_table, "paged_attention: block_table", 1, "[nb]");
+    const bool batched = block_table.ndim() == 2;
+    check_i32(block_table, "paged_attention: block_table", batched ? 2 : 1,
+              batched ? "[S, nb]" : "[nb]");
     check_i32(q_positions, "paged_attention: q_positions", 1, "[T]");
     const py::ssize_t T = q.shape(0), Hq = q.shape(1), Dh = q.shape(2);
     const py::ssize_t NB = k_cache.shape(0), Hkv = k_cache.shape(1), BS = k_cache.shape(2);
@@ -224,27 +226,43 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
              " must be a multiple of kv heads Hkv = " + std::to_string(Hkv));
     if (BS == 0) fail("paged_attention: block_size (k_cache.shape[2]) must be > 0");
 
+    const py::ssize_t S = batched ? block_table.shape(0) : 1;
+    const py::ssize_t nb = batched ? block_table.shape(1) : block_table.shape(0);
+    const int32_t* seq = nullptr;
+    py::array seq_ids;
+    if (!seq_ids_obj.is_none()) {
+        seq_ids = py::reinterpret_borrow<py::array>(seq_ids_obj);
+        check_i32(seq_ids, "paged_attention: seq_ids", 1, "[T]");
+        check_shape(seq_ids, "paged_attention: seq_ids", {T}, "(T from q)");
+        seq = static_cast<const int32_t*>(seq_ids.data());
+    } else if (S != 1) {
+        fail("paged_attention: a 2-D block_table with " + std::to_string(S) +
+             " rows needs seq_ids [T] naming each token's row");
+    }
     const int32_t* qpos = static_cast<const int32_t*>(q_positions.data());
-    const int32_t* table = static_cast<const int32_t*>(block_table.data());
-    const py::ssize_t nb = block_table.shape(0);
-    int64_t max_pos = -1;
+    const int32_t* tables = static_cast<const int32_t*>(block_table.data());
     for (py::ssize_t t = 0; t < T; ++t) {
         if (qpos[t] < 0)
             fail("paged_attention: q_positions[" + std::to_string(t) + "] = " +
                  std::to_string(qpos[t]) + " is negative");
-        max_pos = std::max<int64_t>(max_pos, qpos[t]);
+        const int64_t row = seq ? seq[t] : 0;
+        if (row < 0 || row >= S)
+            fail("paged_attention: seq_ids[" + std::to_string(t) + "] = " + std::to_string(row) +
+                 " is out of range [0, " + std::to_string(S) + ") of the block_table rows");
+        // Every block a query reads must be in its table row and name a real block.
+        const int64_t needed = int64_t(qpos[t]) / BS + 1;
+        if (needed > nb)
+            fail("paged_attention: position " + std::to_string(qpos[t]) + " needs block_table[" +
+                 std::to_string(needed - 1) + "] but block_table has only " + std::to_string(nb) +
+                 " entries (block_size " + std::to_string(BS) + ")");
+        for (int64_t i = 0; i < needed; ++i) {
+            const int32_t b = tables[row * nb + i];
+            if (b < 0 || b >= NB)
+                fail("paged_attention: block_table[" + (batched ? std::to_string(row) + ", " : std::string()) +
+                     std::to_string(i) + "] = " + std::to_string(b) + " is out of range [0, " +
+                     std::to_string(NB) + ") of the cache blocks");
+        }
     }
-    // Every block a query reads must be in the table and name a real block.
-    const int64_t needed = max_pos < 0 ? 0 : max_pos / BS + 1;
-    if (needed > nb)
-        fail("paged_attention: position " + std::to_string(max_pos) + " needs block_table[" +
-             std::to_string(needed - 1) + "] but block_table has only " + std::to_string(nb) +
-             " entries (block_size " + std::to_string(BS) + ")");
-    for (int64_t i = 0; i < needed; ++i)
-        if (table[i] < 0 || table[i] >= NB)
-            fail("paged_attention: block_table[" + std::to_string(i) + "] = " +
-                 std::to_string(table[i]) + " is out of range [0, " + std::to_string(NB) +
-                 ") of the cache blocks");
 
     auto out = new_f32({T, Hq, Dh});
     const float* qp = static_cast<const float*>(q.data());
@@ -253,7 +271,7 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
     float* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        lingli::paged_attention(qp, kp, vp, table, qpos, op, T, Hq, Hkv, Dh, BS,
+        lingli::paged_attention(qp, kp, vp, tables, nb, seq, qpos, op, T, Hq, Hkv, Dh, BS,
                                 static_cast<float>(scale));
     }
     return out;
@@ -419,7 +437,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("softmax_", &softmax_, py::arg("x"), "In-place stable softmax over rows of x[M,N].");
     m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("block_table"), py::arg("q_positions"), py::arg("scale"),
-          "Causal attention of q[T,Hq,Dh] over a paged cache [num_blocks,Hkv,block_size,Dh].");
+          py::arg("seq_ids") = py::none(),
+          "Causal attention of q[T,Hq,Dh] over a paged cache [num_blocks,Hkv,block_size,Dh]. "
+          "block_table [nb] (one sequence) or [S, nb] with seq_ids int32 [T] naming each "
+          "token's row; token t sees its sequence's positions 0..q_positions[t].");
 
     m.def("quantize_acts", &quantize_acts, py::arg("x"), py::arg("kp"),
           "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .kv_cache import PagedKVCache, SequenceKV
+from .kv_cache import BatchKV, PagedKVCache
 from .quant.formats import QuantizedTensor
 
 Weight = np.ndarray | QuantizedTensor
@@ -70,10 +70,10 @@ class CpuBackend:
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self._C.silu_mul(gate, up)
 
-    def attention(self, q: np.ndarray, cache: PagedKVCache, layer: int, seq: SequenceKV,
+    def attention(self, q: np.ndarray, cache: PagedKVCache, layer: int, batch: BatchKV,
                   positions: np.ndarray, scale: float) -> np.ndarray:
-        return self._C.paged_attention(q, cache.k[layer], cache.v[layer], seq.table_array(),
-                                       positions, scale)
+        return self._C.paged_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
+                                       positions, scale, batch.seq_ids)
 
     def embedding(self, table: Weight, ids: np.ndarray) -> np.ndarray:
         if isinstance(table, QuantizedTensor):

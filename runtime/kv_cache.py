@@ -8,11 +8,15 @@ A token at position p of a sequence lives in block `table[p // block_size]`,
 slot `p % block_size`. Keeping a head's slots contiguous lets the attention
 kernel stream one head's keys without striding over the other heads.
 
-Blocks are reference-counted so that later (the engine) sequences sharing a
-prompt prefix can share blocks; for now each sequence owns its blocks.
+Blocks are reference-counted so sequences sharing a prompt prefix share
+blocks. A full block may carry a content hash (runtime.block_manager): when
+its last user lets go it is kept, still holding its keys and values, in a
+least-recently-used list that later requests with the same prefix can reuse,
+and that allocation evicts from only when no never-used block is left.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,24 +29,48 @@ class KVCacheFullError(LingliError):
 
 
 class BlockAllocator:
-    """Free list plus reference counts over block ids 0..num_blocks-1."""
+    """Reference counts over block ids 0..num_blocks-1, with a prefix cache.
+
+    A block is in exactly one state: free (never used, or holding nothing
+    reusable), in use (ref count > 0), or cached (ref count 0 but holding the
+    keys/values of a hashed full block; evicted least recently used first).
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         # Pop from the end: low ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
         self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
+        self._evictable: OrderedDict[int, None] = OrderedDict()   # cached, ref 0, LRU first
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take now: never-used plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks held only by the prefix cache (ref count 0, reusable by a matching prefix)."""
+        return len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+            self.evictions += 1
+        else:
             raise KVCacheFullError(
                 f"KV cache is full: all {self.num_blocks} blocks are in use; "
                 "shorten the request or give the cache more memory (kv_cache_gb)")
-        block = self._free.pop()
         self.ref_counts[block] = 1
         return block
 
@@ -56,7 +84,46 @@ class BlockAllocator:
             raise ValueError(f"block {block} freed twice")
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self._free.append(block)
+            if block in self._hash_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    # ---------------------------------------------------------- prefix cache
+    def lookup(self, h: bytes) -> int | None:
+        """Take a reference on the cached block holding content `h`, if any."""
+        block = self._block_of.get(h)
+        if block is None:
+            return None
+        if self.ref_counts[block] == 0:
+            del self._evictable[block]
+        self.ref_counts[block] += 1
+        return block
+
+    def register(self, block: int, h: bytes) -> None:
+        """Record that in-use `block` now holds the full block with content hash `h`."""
+        if self.ref_counts[block] <= 0:
+            raise ValueError(f"block {block} is not allocated")
+        if h in self._block_of or block in self._hash_of:
+            return          # an identical block is cached already (or this one is)
+        self._block_of[h] = block
+        self._hash_of[block] = h
+
+    def forget(self, block: int) -> None:
+        """Drop `block`'s hash (its content is about to change)."""
+        h = self._hash_of.pop(block, None)
+        if h is not None:
+            del self._block_of[h]
+
+    def check(self) -> None:
+        """Internal consistency (tests): every block in exactly one state."""
+        free, ev = set(self._free), set(self._evictable)
+        used = {b for b in range(self.num_blocks) if self.ref_counts[b] > 0}
+        assert len(free) == len(self._free), "a block is on the free list twice"
+        assert not (free & ev) and not (free & used) and not (ev & used)
+        assert len(free) + len(ev) + len(used) == self.num_blocks, "a block is lost"
+        assert all(self._block_of[h] == b for b, h in self._hash_of.items())
+        assert ev <= set(self._hash_of), "an evictable block has no hash"
 
 
 @dataclass
@@ -68,6 +135,28 @@ class SequenceKV:
 
     def table_array(self) -> np.ndarray:
         return np.asarray(self.block_table, dtype=np.int32)
+
+
+@dataclass
+class BatchKV:
+    """Where each token of one forward pass reads and writes the cache.
+
+    block_tables int32 [S, nb]: one row per sequence (ragged rows padded with 0);
+    seq_ids int32 [T]: the row of each token. Token t of the batch lives at
+    block block_tables[seq_ids[t], pos // block_size], slot pos % block_size.
+    """
+
+    block_tables: np.ndarray
+    seq_ids: np.ndarray
+
+    @classmethod
+    def of(cls, seqs: list[SequenceKV], counts: list[int]) -> "BatchKV":
+        """Sequences seqs[i] contribute counts[i] consecutive tokens to the batch."""
+        nb = max(1, max(len(s.block_table) for s in seqs))
+        tables = np.zeros((len(seqs), nb), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        return cls(tables, np.repeat(np.arange(len(seqs), dtype=np.int32), counts))
 
 
 class PagedKVCache:
@@ -109,6 +198,12 @@ class PagedKVCache:
         for _ in range(needed):
             seq.block_table.append(self.allocator.allocate())
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values in every layer (copy on write)."""
+        for layer in range(self.num_layers):
+            self.k[layer][dst] = self.k[layer][src]
+            self.v[layer][dst] = self.v[layer][src]
+
     def release(self, seq: SequenceKV) -> None:
         """Return every block of `seq` to the pool."""
         for block in seq.block_table:
@@ -116,11 +211,10 @@ class PagedKVCache:
         seq.block_table.clear()
         seq.num_tokens = 0
 
-    def write(self, layer: int, seq: SequenceKV, positions: np.ndarray,
+    def write(self, layer: int, batch: BatchKV, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        blocks = table[positions // self.block_size]
+        blocks = batch.block_tables[batch.seq_ids, positions // self.block_size]
         slots = positions % self.block_size
         # Advanced indexes on axes 0 and 2 -> the indexed shape is [T, n_kv_heads, head_dim].
         self.k[layer][blocks, :, slots, :] = k

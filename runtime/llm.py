@@ -1,10 +1,9 @@
 """The public Python API: `LLM(path).generate / stream / logits / tokenizer`.
 
-One request at a time for now: the prompt is prefilled in chunks into a paged
-KV cache, then tokens are decoded one by one, sampled, streamed through the
-incremental detokenizer and checked against stop tokens and stop strings.
-The continuous-batching engine replaces this loop later without changing the
-API.
+`generate` runs all its prompts as one batch through the continuous-batching
+engine (runtime.engine); `stream` is the same engine with one request. The
+KV pool is sized from a memory budget (kv_cache_gb), never the full context
+for every slot: requests take blocks as they grow and give them back.
 """
 from __future__ import annotations
 
@@ -16,12 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .detokenizer import IncrementalDecoder
 from .errors import ContextLengthError, LingliError
 from .kv_cache import PagedKVCache, SequenceKV
 from .loader import load_weights
 from .model import LlamaModel
-from .sampler import Sampler, SamplingParams
+from .sampler import SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -29,6 +27,7 @@ FLOAT_QUANTS = {None: None, "fp32": "fp32", "fp16": "fp16"}
 INT_QUANTS = {"int8": 8, "int4": 4, "int3": 3}
 QUANT_METHODS = ("rtn", "search", "gptq")
 PREFILL_CHUNK = 512
+DEFAULT_KV_CACHE_GB = 1.0
 
 
 @dataclass
@@ -53,13 +52,17 @@ class LLM:
         method runtime.quant.quantize_model picks per bit width).
     backend: "cpu" ("triton" arrives with the GPU backend).
     max_model_len: context window; defaults to the model's max_position_embeddings.
+    kv_cache_gb: KV pool budget (default DEFAULT_KV_CACHE_GB; at least one full
+        context). Pages are mapped lazily, so an unused budget costs nothing.
+    max_num_seqs, max_num_batched_tokens: the engine's batch limits.
     """
 
     def __init__(self, model: str | os.PathLike, quant: str | None = None,
                  backend: str = "cpu", max_model_len: int | None = None,
                  num_threads: int | None = None, block_size: int = 16,
                  group_size: int | None = None, quant_method: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, kv_cache_gb: float | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512) -> None:
         from .hub import resolve_model
 
         if quant not in FLOAT_QUANTS and quant not in INT_QUANTS:
@@ -87,25 +90,57 @@ class LLM:
             raise LingliError(f"max_model_len must be >= 1, got {self.max_model_len}")
         weights = self._load_weights(quant, group_size, quant_method, progress)
         self.model = LlamaModel(self.config, weights, self.backend, self.max_model_len)
-        num_blocks = -(-self.max_model_len // block_size)
-        self.cache = PagedKVCache(self.config.num_layers, num_blocks, block_size,
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise LingliError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+        per_block = PagedKVCache.bytes_per_block(self.config.num_layers, block_size,
+                                                 self.config.num_kv_heads, self.config.head_dim)
+        budget = int((kv_cache_gb or DEFAULT_KV_CACHE_GB) * 2**30) // per_block
+        context = -(-self.max_model_len // block_size)
+        if kv_cache_gb is not None and budget < context:
+            raise LingliError(
+                f"kv_cache_gb={kv_cache_gb} holds {budget * block_size} tokens, less than one "
+                f"context of {self.max_model_len}; raise it or lower max_model_len")
+        self.cache = PagedKVCache(self.config.num_layers, max(budget, context), block_size,
                                   self.config.num_kv_heads, self.config.head_dim)
+        self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
+        self._engine_args = dict(max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens)
+        self._engine = None
         # Logits past the tokenizer's pieces are checkpoint padding: never sampled.
         self.sample_vocab = min(self.tokenizer.vocab_size, self.config.vocab_size) \
             if self.tokenizer else self.config.vocab_size
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Complete each prompt (a str or a list of token ids); returns one output per prompt."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Complete each prompt (a str or a list of token ids), all as one batch.
+
+        params: one SamplingParams for all prompts or one per prompt.
+        Returns one output per prompt, in order."""
         if isinstance(prompts, str) or (_is_id_list(prompts)):
             prompts = [prompts]
-        outs = []
-        for prompt in prompts:
-            out = RequestOutput(prompt_token_ids=[])
-            for _ in self._run(prompt, params or SamplingParams(), out):
-                pass
-            outs.append(out)
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise LingliError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        eng = self.engine()
+        if eng.has_unfinished_requests():
+            raise LingliError("the engine is busy with other requests (one caller at a time)")
+        outs = [RequestOutput(prompt_token_ids=[]) for _ in prompts]
+        by_id = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, plist)):
+                rid = f"generate-{i}"
+                eng.add_request(rid, prompt, p or SamplingParams())
+                outs[i].prompt_token_ids = eng.requests[rid].prompt_ids
+                by_id[rid] = outs[i]
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    _collect(by_id[o.request_id], o)
+        finally:
+            for rid in by_id:
+                eng.abort_request(rid)
         return outs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -115,9 +150,27 @@ class LLM:
         Pass `output` to receive token ids and the finish reason as well.
         """
         out = output if output is not None else RequestOutput(prompt_token_ids=[])
-        for piece in self._run(prompt, params or SamplingParams(), out):
-            if piece:
-                yield piece
+        eng = self.engine()
+        if eng.has_unfinished_requests():
+            raise LingliError("the engine is busy with other requests (one caller at a time)")
+        rid = "stream"
+        eng.add_request(rid, prompt, params or SamplingParams())
+        out.prompt_token_ids = eng.requests[rid].prompt_ids
+        try:
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    _collect(out, o)
+                    if o.new_text:
+                        yield o.new_text
+        finally:
+            eng.abort_request(rid)      # the caller stopped early: give the blocks back
+
+    def engine(self):
+        """The continuous-batching engine over this model and its KV pool (made once)."""
+        if self._engine is None:
+            from .engine import LLMEngine
+            self._engine = LLMEngine(self, **self._engine_args)
+        return self._engine
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the logits after each position."""
@@ -192,45 +245,12 @@ class LLM:
         positions = np.arange(start, start + len(ids), dtype=np.int32)
         return self.model.forward(tokens, positions, self.cache, seq, all_logits=all_logits)
 
-    def _run(self, prompt: Prompt, params: SamplingParams, out: RequestOutput) -> Iterator[str]:
-        ids = self._check_ids(self.encode_prompt(prompt), max_new=params.max_tokens)
-        out.prompt_token_ids = ids
-        sampler = Sampler(params, vocab_size=self.sample_vocab)
-        eos = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
-        detok = IncrementalDecoder(self.tokenizer, stop=params.stop or []) \
-            if self.tokenizer else None
-        seq = SequenceKV()
-        try:
-            self.cache.reserve(seq, len(ids))
-            for s in range(0, len(ids), PREFILL_CHUNK):
-                logits = self._forward(ids[s:s + PREFILL_CHUNK], s, seq)
-            pos = len(ids)
-            while True:
-                token = sampler.sample(logits[-1], ids, out.token_ids)
-                out.token_ids.append(token)
-                if sampler.is_stop_token(token, eos):
-                    out.finish_reason = "stop"
-                    break
-                if detok is not None:
-                    piece = detok.push(token)
-                    out.text += piece
-                    yield piece
-                    if detok.stopped:
-                        out.finish_reason = "stop"
-                        break
-                # The sampled token sits at `pos`; the sequence may not outgrow the context window.
-                if len(out.token_ids) >= params.max_tokens or pos + 1 >= self.max_model_len:
-                    out.finish_reason = "length"
-                    break
-                self.cache.reserve(seq, pos + 1)
-                logits = self._forward([token], pos, seq)
-                pos += 1
-            if detok is not None and not detok.stopped:
-                tail = detok.flush()
-                out.text += tail
-                yield tail
-        finally:
-            self.cache.release(seq)
+
+def _collect(out: RequestOutput, o) -> None:
+    out.token_ids.extend(o.new_token_ids)
+    out.text += o.new_text
+    if o.finished:
+        out.finish_reason = o.finish_reason
 
 
 def _is_id_list(x) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .kv_cache import PagedKVCache, SequenceKV
+from .kv_cache import BatchKV, PagedKVCache, SequenceKV
 from .quant.formats import QuantizedTensor, concat_rows
 
 
@@ -128,10 +128,17 @@ class LlamaModel:
         return total
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, cache: PagedKVCache,
-                seq: SequenceKV, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` at `positions` (blocks reserved in `seq`); logits [T or 1, vocab]."""
+                kv: SequenceKV | BatchKV, all_logits: bool = False,
+                logit_rows: np.ndarray | None = None) -> np.ndarray:
+        """Run `tokens` at `positions` (blocks already reserved); returns logits.
+
+        kv: one sequence's SequenceKV, or a BatchKV naming each token's sequence
+        (batched decode and prefill chunks of many sequences in one pass).
+        Logits rows: all tokens (all_logits), the rows `logit_rows`, or the last.
+        """
         cfg, be = self.config, self.backend
         T = len(tokens)
+        batch = kv if isinstance(kv, BatchKV) else BatchKV.of([kv], [T])
         hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         positions = np.ascontiguousarray(positions, dtype=np.int32)
         x = be.embedding(self.embed, tokens)                                  # [T, H]
@@ -143,8 +150,8 @@ class LlamaModel:
             v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
             be.rope_(q, positions, self.cos, self.sin, cfg.rope_interleaved)
             be.rope_(k, positions, self.cos, self.sin, cfg.rope_interleaved)
-            cache.write(i, seq, positions, k, v)
-            attn = be.attention(q, cache, i, seq, positions, self.scale)       # [T, hq, dh]
+            cache.write(i, batch, positions, k, v)
+            attn = be.attention(q, cache, i, batch, positions, self.scale)     # [T, hq, dh]
             x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
             h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
             gate_up = _linear(be, h, lw.w_gate_up, lw.b_gate_up)                            # [T, 2F]
@@ -152,7 +159,9 @@ class LlamaModel:
             act = be.silu_mul(np.ascontiguousarray(gate_up[:, :f]),
                               np.ascontiguousarray(gate_up[:, f:]))
             x += be.linear(act, lw.w_down, lw.b_down)
-        if not all_logits:
+        if logit_rows is not None:
+            x = x[logit_rows]
+        elif not all_logits:
             x = x[-1:]
         x = be.rms_norm(np.ascontiguousarray(x), self.final_norm, cfg.rms_norm_eps)
         return be.linear(x, self.lm_head)

@@ -221,6 +221,63 @@ def test_paged_attention(isa_threads, case):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=2e-5 * np.abs(v_seq).max())
 
 
+BATCH_CASES = [  # (Hq, Hkv, Dh, block_size, [(prefix_len, new_tokens) per sequence])
+    (4, 2, 64, 16, [(36, 1), (0, 1), (15, 1), (16, 1)]),          # batched decode, edge lengths
+    (9, 3, 40, 16, [(21, 7), (3, 1), (0, 19)]),                   # prefill chunks mixed with decode
+    (2, 1, 7, 5, [(11, 4), (44, 1), (0, 1), (9, 2), (4, 6)]),     # odd block size and head dim
+]
+
+
+@pytest.mark.parametrize("case", BATCH_CASES, ids=[str(c[:4]) for c in BATCH_CASES])
+def test_paged_attention_batch(isa_threads, case):
+    """Many sequences in one call: block_table [S, nb] + seq_ids, blocks interleaved in one pool."""
+    hq, hkv, dh, bs, seqs = case
+    rng = rng_for("attn-batch", case[:4], len(seqs))
+    lens = [p + n for p, n in seqs]
+    tables_len = max(-(-L // bs) for L in lens) + 1       # ragged rows padded with junk
+    nblocks = sum(-(-L // bs) for L in lens) + 4
+    perm = rng.permutation(nblocks).astype(np.int32)
+    k_cache = (rng.standard_normal((nblocks, hkv, bs, dh)) * 100).astype(np.float32)
+    v_cache = (rng.standard_normal((nblocks, hkv, bs, dh)) * 100).astype(np.float32)
+    tables = np.full((len(seqs), tables_len), -7, np.int32)
+    q_parts, pos_parts, sid_parts, want = [], [], [], []
+    used = 0
+    for i, ((prefix, n), L) in enumerate(zip(seqs, lens)):
+        nb = -(-L // bs)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+        k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+        v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+        for p in range(L):
+            k_cache[tables[i, p // bs], :, p % bs] = k_seq[p]
+            v_cache[tables[i, p // bs], :, p % bs] = v_seq[p]
+        q = (rng.standard_normal((n, hq, dh)) * 2).astype(np.float32)
+        qpos = np.arange(prefix, L, dtype=np.int32)
+        q_parts.append(q)
+        pos_parts.append(qpos)
+        sid_parts.append(np.full(n, i, np.int32))
+        want.append(ref.attention(q, k_seq, v_seq, qpos, 1 / np.sqrt(dh)))
+    # Interleave the tokens of different sequences: the kernel must not assume runs.
+    order = rng.permutation(sum(n for _, n in seqs))
+    q = np.ascontiguousarray(np.concatenate(q_parts)[order])
+    out = _C.paged_attention(q, k_cache, v_cache, tables, np.concatenate(pos_parts)[order],
+                             1 / np.sqrt(dh), np.concatenate(sid_parts)[order])
+    np.testing.assert_allclose(out, np.concatenate(want)[order], rtol=1e-5, atol=2e-5)
+
+
+def test_paged_attention_batch_bad_inputs():
+    a = attn_args(block_table=np.array([[2, 0], [1, 0]], np.int32))
+    with pytest.raises(ValueError, match=r"2-D block_table with 2 rows needs seq_ids"):
+        _C.paged_attention(**a)
+    with pytest.raises(ValueError, match=r"seq_ids\[0\] = 2 is out of range \[0, 2\)"):
+        _C.paged_attention(**a, seq_ids=np.array([2], np.int32))
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 3 is out of range"):
+        _C.paged_attention(**{**a, "block_table": np.array([[2, 0], [1, 3]], np.int32)},
+                           seq_ids=np.array([1], np.int32))
+    with pytest.raises(ValueError, match=r"seq_ids has shape \(2,\), expected \[1\]"):
+        _C.paged_attention(**a, seq_ids=np.array([0, 1], np.int32))
+
+
 def test_paged_attention_single_key_is_v():
     """Position 0 attends only to itself: the output is exactly v[0]."""
     rng = rng_for("attn-one")
