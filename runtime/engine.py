@@ -143,16 +143,26 @@ class LLMEngine:
             if start + n == req.num_tokens:          # its last known token: sample the next
                 rows.append(len(tokens) - 1)
                 sampled.append(req)
-        kv = BatchKV.of(seqs, counts)
-        logits = self.model.forward(np.asarray(tokens, np.int64), np.asarray(positions, np.int32),
-                                    self.cache, kv, logit_rows=np.asarray(rows, np.int64))
-        for req, n in batch.items:
-            if req.num_computed < len(req.prompt_ids):
-                self.prompt_tokens_total += min(n, len(req.prompt_ids) - req.num_computed)
-            req.num_computed += n
-            req.kv.num_tokens = req.num_computed
-            self.blocks.commit(req.kv, req.token_ids())
-        return [self._advance(req, logits[j]) for j, req in enumerate(sampled)]
+        try:
+            kv = BatchKV.of(seqs, counts)
+            logits = self.model.forward(np.asarray(tokens, np.int64),
+                                        np.asarray(positions, np.int32), self.cache, kv,
+                                        logit_rows=np.asarray(rows, np.int64))
+            for req, n in batch.items:
+                if req.num_computed < len(req.prompt_ids):
+                    self.prompt_tokens_total += min(n, len(req.prompt_ids) - req.num_computed)
+                req.num_computed += n
+                req.kv.num_tokens = req.num_computed
+                self.blocks.commit(req.kv, req.token_ids())
+            return [self._advance(req, logits[j]) for j, req in enumerate(sampled)]
+        except BaseException:
+            # A failed step (a kernel error, KeyboardInterrupt) fails the requests it
+            # carried: their cache contents are unknown. Their blocks go back first.
+            for req, _ in batch.items:
+                if req.status is not Status.FINISHED:
+                    self.scheduler.finish(req)
+                    self.requests.pop(req.request_id, None)
+            raise
 
     # ------------------------------------------------------------ internals
     def _advance(self, req: Request, logits: np.ndarray) -> EngineOutput:

@@ -194,3 +194,40 @@ def test_random_workload_returns_every_block(model_dir):
     assert st.preemptions_total > 0 and st.prefix_cache_hit_tokens > 0
     assert st.kv_blocks_used == 0 and pool.num_free == pool.num_blocks
     assert int(pool.ref_counts.sum()) == 0
+
+
+def test_failed_step_frees_the_batch(model_dir, monkeypatch):
+    llm = LLM(str(model_dir))
+    eng = llm.engine()
+    eng.add_request("a", "some prompt text", GREEDY)
+    eng.add_request("b", "other prompt", GREEDY)
+    eng.step()
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(llm.model, "forward", boom)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        eng.step()
+    assert not eng.has_unfinished_requests() and not eng.requests
+    assert eng.stats().kv_blocks_used == 0
+    monkeypatch.undo()
+    assert len(llm.generate("again", GREEDY)[0].token_ids) == GREEDY.max_tokens
+
+
+def test_kv_waste_is_the_last_partial_blocks(model_dir):
+    """Waste = reserved-but-empty slots: at most one partly filled block per sequence."""
+    llm = LLM(str(model_dir), max_num_seqs=8)
+    eng = llm.engine()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        eng.add_request(str(i), _prompts(llm, 1, seed=i, lo=5, hi=90)[0],
+                        SamplingParams(temperature=0, max_tokens=int(rng.integers(5, 60)),
+                                       ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+        running = [r.kv for r in eng.scheduler.running]
+        st = eng.blocks.stats(running)
+        assert st.reserved_slots - st.filled_slots <= 16 * len(running) - len(running)
+        assert st.reserved_slots == 16 * sum(len(k.block_table) for k in running)
+        if running:
+            assert eng.stats().kv_waste == pytest.approx(st.waste)
