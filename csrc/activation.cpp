@@ -1,8 +1,9 @@
 // Elementwise activations and the row softmax.
 //
-// Plain C++ on purpose: these are a small share of decode time and the
-// compiler vectorizes the simple loops; expf keeps results identical across
-// ISA settings.
+// The plain loops call std::exp, which the compiler cannot vectorize without
+// -ffast-math; with batched decode SiLU over [sequences, F] is no longer a
+// small share, so AVX-512 has a path with a vectorized exp (simd.h exp512,
+// within 2 ulp of std::exp). The softmax is only used by tests and keeps expf.
 
 #include <algorithm>
 #include <cmath>
@@ -10,12 +11,38 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "simd.h"
 
 namespace lingli {
+
+#if defined(__x86_64__)
+LINGLI_TARGET_AVX512 static void silu_mul_avx512(const float* gate, const float* up, float* out,
+                                                 int64_t i0, int64_t i1) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = i0; i < i1; i += 16) {
+        const __mmask16 m = i1 - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                         : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
+                                       _mm512_maskz_loadu_ps(m, up + i));
+        _mm512_mask_storeu_ps(out + i, m, y);
+    }
+}
+#endif
 
 void silu_mul(const float* gate, const float* up, float* out, int64_t M, int64_t F) {
     const int64_t n = M * F;
     const int nt = threads_for_bytes(n * 12);
+#if defined(__x86_64__)
+    if (current_isa() == Isa::Avx512) {
+        const int64_t chunk = (n + 16 * nt - 1) / (16 * nt) * 16;   // whole vectors per thread
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+        for (int64_t c = 0; c < nt; ++c)
+            if (c * chunk < n) silu_mul_avx512(gate, up, out, c * chunk, std::min(n, (c + 1) * chunk));
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t i = 0; i < n; ++i) {
         const float g = gate[i];

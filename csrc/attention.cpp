@@ -35,6 +35,8 @@ struct AttnKernels {
     void (*scores)(const float* q, const float* k, int64_t n, int64_t Dh, float scale, float* s);
     // acc += sum_j p[j] * v[j*Dh .. j*Dh+Dh)
     void (*accum)(const float* p, const float* v, int64_t n, int64_t Dh, float* acc);
+    // s[j] = exp(s[j] - mx) for j < n; returns the sum
+    double (*exp_sum)(float* s, int64_t n, float mx);
 };
 
 // ---------------------------------------------------------------- plain ---
@@ -60,7 +62,16 @@ void accum_plain(const float* p, const float* v, int64_t n, int64_t Dh, float* a
     }
 }
 
-const AttnKernels kPlain = {scores_plain, accum_plain};
+double exp_sum_plain(float* s, int64_t n, float mx) {
+    double sum = 0.0;
+    for (int64_t p = 0; p < n; ++p) {
+        s[p] = std::exp(s[p] - mx);
+        sum += s[p];
+    }
+    return sum;
+}
+
+const AttnKernels kPlain = {scores_plain, accum_plain, exp_sum_plain};
 
 #if defined(__x86_64__)
 // ----------------------------------------------------------------- AVX2 ---
@@ -96,7 +107,7 @@ LINGLI_TARGET_AVX2 void accum_avx2(const float* p, const float* v, int64_t n, in
     }
 }
 
-const AttnKernels kAvx2 = {scores_avx2, accum_avx2};
+const AttnKernels kAvx2 = {scores_avx2, accum_avx2, exp_sum_plain};
 
 // -------------------------------------------------------------- AVX-512 ---
 
@@ -119,8 +130,28 @@ LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t 
     }
 }
 
+// Head dims up to 128 that are multiples of 16 (all LLaMA-family models) keep
+// the output row in V registers for the whole block of keys.
+template <int V>
+LINGLI_TARGET_AVX512 void accum_avx512_regs(const float* p, const float* v, int64_t n, float* acc) {
+    __m512 a[V];
+    for (int i = 0; i < V; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+    for (int64_t j = 0; j < n; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * 16 * V + 16 * i), a[i]);
+    }
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+
 LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const float* v, int64_t n, int64_t Dh,
                                        float* acc) {
+    switch (Dh) {
+        case 32: return accum_avx512_regs<2>(p, v, n, acc);
+        case 64: return accum_avx512_regs<4>(p, v, n, acc);
+        case 96: return accum_avx512_regs<6>(p, v, n, acc);
+        case 128: return accum_avx512_regs<8>(p, v, n, acc);
+        default: break;
+    }
     for (int64_t j = 0; j < n; ++j) {
         const __m512 pj = _mm512_set1_ps(p[j]);
         const float* vr = v + j * Dh;
@@ -133,7 +164,20 @@ LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const float* v, int64_t n
     }
 }
 
-const AttnKernels kAvx512 = {scores_avx512, accum_avx512};
+LINGLI_TARGET_AVX512 double exp_sum_avx512(float* s, int64_t n, float mx) {
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; p += 16) {
+        const __mmask16 m = n - p >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (n - p)) - 1u);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + p), vmx));
+        _mm512_mask_storeu_ps(s + p, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    return hsum512(sum);
+}
+
+const AttnKernels kAvx512 = {scores_avx512, accum_avx512, exp_sum_avx512};
 #endif  // __x86_64__
 
 // NEON uses the plain kernels: their fixed-width loops auto-vectorize to
@@ -184,11 +228,7 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
             }
             float mx = s[0];
             for (int64_t p = 1; p < len; ++p) mx = std::max(mx, s[p]);
-            double sum = 0.0;
-            for (int64_t p = 0; p < len; ++p) {
-                s[p] = std::exp(s[p] - mx);
-                sum += s[p];
-            }
+            const double sum = kern.exp_sum(s.data(), len, mx);
 
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
@@ -199,6 +239,24 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
             }
             const float inv = static_cast<float>(1.0 / sum);
             for (int64_t d = 0; d < Dh; ++d) o[d] = acc[d] * inv;
+        }
+    }
+}
+
+// Scatter the new keys/values of a batch into their cache slots: token t goes
+// to block block_tables[seq_ids[t]][pos / block_size], slot pos % block_size.
+void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t pos = positions[t];
+        const int64_t blk = block_tables[int64_t(seq_ids[t]) * table_stride + pos / block_size];
+        const int64_t slot = pos % block_size;
+        for (int64_t h = 0; h < Hkv; ++h) {
+            const int64_t dst = ((blk * Hkv + h) * block_size + slot) * Dh;
+            const int64_t src = (t * Hkv + h) * Dh;
+            std::copy(k + src, k + src + Dh, k_cache + dst);
+            std::copy(v + src, v + src + Dh, v_cache + dst);
         }
     }
 }

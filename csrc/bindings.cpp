@@ -277,6 +277,49 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
     return out;
 }
 
+void paged_write(py::array k_cache, py::array v_cache, const py::array& block_table,
+                 const py::array& seq_ids, const py::array& positions, const py::array& k,
+                 const py::array& v) {
+    check_f32(k_cache, "paged_write: k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    check_f32(v_cache, "paged_write: v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    check_writeable(k_cache, "paged_write: k_cache");
+    check_writeable(v_cache, "paged_write: v_cache");
+    check_i32(block_table, "paged_write: block_table", 2, "[S, nb]");
+    check_i32(seq_ids, "paged_write: seq_ids", 1, "[T]");
+    check_i32(positions, "paged_write: positions", 1, "[T]");
+    check_f32(k, "paged_write: k", 3, "[T, Hkv, Dh]");
+    check_f32(v, "paged_write: v", 3, "[T, Hkv, Dh]");
+    const py::ssize_t NB = k_cache.shape(0), Hkv = k_cache.shape(1), BS = k_cache.shape(2),
+                      Dh = k_cache.shape(3), T = positions.shape(0);
+    check_shape(v_cache, "paged_write: v_cache", {NB, Hkv, BS, Dh}, "(same as k_cache)");
+    check_shape(seq_ids, "paged_write: seq_ids", {T}, "(T from positions)");
+    check_shape(k, "paged_write: k", {T, Hkv, Dh}, "(T from positions, Hkv and Dh from the cache)");
+    check_shape(v, "paged_write: v", {T, Hkv, Dh}, "(same as k)");
+    if (BS == 0) fail("paged_write: block_size (k_cache.shape[2]) must be > 0");
+    const py::ssize_t S = block_table.shape(0), nb = block_table.shape(1);
+    const int32_t* tables = static_cast<const int32_t*>(block_table.data());
+    const int32_t* sid = static_cast<const int32_t*>(seq_ids.data());
+    const int32_t* pos = static_cast<const int32_t*>(positions.data());
+    for (py::ssize_t t = 0; t < T; ++t) {
+        if (sid[t] < 0 || sid[t] >= S)
+            fail("paged_write: seq_ids[" + std::to_string(t) + "] = " + std::to_string(sid[t]) +
+                 " is out of range [0, " + std::to_string(S) + ")");
+        if (pos[t] < 0 || pos[t] / BS >= nb)
+            fail("paged_write: positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
+                 " is outside the " + std::to_string(nb) + " blocks of its table row");
+        const int32_t b = tables[int64_t(sid[t]) * nb + pos[t] / BS];
+        if (b < 0 || b >= NB)
+            fail("paged_write: block " + std::to_string(b) + " for token " + std::to_string(t) +
+                 " is out of range [0, " + std::to_string(NB) + ")");
+    }
+    float* kc = static_cast<float*>(k_cache.mutable_data());
+    float* vc = static_cast<float*>(v_cache.mutable_data());
+    const float* kp = static_cast<const float*>(k.data());
+    const float* vp = static_cast<const float*>(v.data());
+    py::gil_scoped_release nogil;
+    lingli::paged_write(kc, vc, tables, nb, sid, pos, kp, vp, T, Hkv, Dh, BS);
+}
+
 // ------------------------------------------------------------ qlinear ----
 
 bool is_f16(const py::array& a) { return a.dtype().kind() == 'f' && a.dtype().itemsize() == 2; }
@@ -441,6 +484,12 @@ PYBIND11_MODULE(_C, m) {
           "Causal attention of q[T,Hq,Dh] over a paged cache [num_blocks,Hkv,block_size,Dh]. "
           "block_table [nb] (one sequence) or [S, nb] with seq_ids int32 [T] naming each "
           "token's row; token t sees its sequence's positions 0..q_positions[t].");
+
+    m.def("paged_write", &paged_write, py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("block_table"), py::arg("seq_ids"), py::arg("positions"), py::arg("k"),
+          py::arg("v"),
+          "Store k, v [T,Hkv,Dh] in place at each token's slot: block "
+          "block_table[seq_ids[t], positions[t] // block_size], slot positions[t] % block_size.");
 
     m.def("quantize_acts", &quantize_acts, py::arg("x"), py::arg("kp"),
           "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "

@@ -30,6 +30,11 @@ void softmax(float* x, int64_t M, int64_t N);
 
 // One sequence of causal attention over a paged KV cache (see bindings.cpp for
 // the layout). block_table / q_positions must already be validated.
+// k/v [T, Hkv, Dh] into the cache slots of each token (blocks already reserved).
+void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
+
 // block_tables [S, table_stride]; seq_ids [T] picks each token's row (nullptr: row 0).
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
                      const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,

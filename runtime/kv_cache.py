@@ -214,8 +214,7 @@ class PagedKVCache:
     def write(self, layer: int, batch: BatchKV, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
-        blocks = batch.block_tables[batch.seq_ids, positions // self.block_size]
-        slots = positions % self.block_size
-        # Advanced indexes on axes 0 and 2 -> the indexed shape is [T, n_kv_heads, head_dim].
-        self.k[layer][blocks, :, slots, :] = k
-        self.v[layer][blocks, :, slots, :] = v
+        from . import _C
+        _C.paged_write(self.k[layer], self.v[layer], batch.block_tables, batch.seq_ids,
+                       positions, np.ascontiguousarray(k, dtype=np.float32),
+                       np.ascontiguousarray(v, dtype=np.float32))

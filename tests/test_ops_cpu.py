@@ -278,6 +278,34 @@ def test_paged_attention_batch_bad_inputs():
         _C.paged_attention(**a, seq_ids=np.array([0, 1], np.int32))
 
 
+def test_paged_write_matches_numpy_scatter():
+    rng = rng_for("paged-write")
+    nblocks, hkv, bs, dh = 9, 3, 5, 7
+    k_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
+    v_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
+    tables = np.array([[4, 0, 7], [2, 8, 1]], np.int32)
+    seq_ids = np.array([1, 0, 0, 1, 1], np.int32)
+    pos = np.array([9, 0, 12, 5, 14], np.int32)
+    k = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    v = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    blocks = tables[seq_ids, pos // bs]
+    want_k[blocks, :, pos % bs] = k
+    want_v[blocks, :, pos % bs] = v
+    _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k, v)
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)
+    with pytest.raises(ValueError, match=r"positions\[0\] = 15 is outside the 3 blocks"):
+        _C.paged_write(k_cache, v_cache, tables, seq_ids[:1], np.array([15], np.int32), k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"seq_ids\[0\] = 2 is out of range"):
+        _C.paged_write(k_cache, v_cache, tables, np.array([2], np.int32), pos[:1], k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"block 9 for token 0 is out of range"):
+        _C.paged_write(k_cache, v_cache, np.array([[9]], np.int32), np.array([0], np.int32),
+                       np.array([0], np.int32), k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"paged_write: k has shape"):
+        _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k[:, :2].copy(), v)
+
+
 def test_paged_attention_single_key_is_v():
     """Position 0 attends only to itself: the output is exactly v[0]."""
     rng = rng_for("attn-one")
