@@ -207,20 +207,13 @@ class LLM:
             self.quant = stored
             return load_quantized(self.path, self.config)
         if quant in INT_QUANTS:
-            from .quant.quantize_model import DEFAULT_GROUP_SIZE, DEFAULT_METHOD, \
-                quantize_weights
+            from .quant.quantize_model import DEFAULT_GROUP_SIZE, quantize_float
 
-            bits = INT_QUANTS[quant]
-            method = method or DEFAULT_METHOD[bits]
-            hessians = None
-            if method == "gptq":
-                from .quant.gptq import collect_hessians
-                hessians = collect_hessians(self.path)
-            weights = load_weights(self.path, self.config, None)
             self.quant = quant
-            return quantize_weights(weights, self.config, bits,
-                                    group_size or DEFAULT_GROUP_SIZE, method,
-                                    hessians=hessians, progress=progress)
+            weights, _ = quantize_float(self.path, self.config, INT_QUANTS[quant],
+                                        group_size or DEFAULT_GROUP_SIZE, method,
+                                        progress=progress)
+            return weights
         self.quant = quant or "checkpoint"
         return load_weights(self.path, self.config, FLOAT_QUANTS[quant])
 

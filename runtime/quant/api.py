@@ -6,10 +6,9 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..loader import load_weights
 from .checkpoint import save_quantized
 from .formats import check_format
-from .quantize_model import DEFAULT_METHOD, RECIPE, quantize_weights
+from .quantize_model import quantize_float
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
@@ -28,13 +27,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
     if config.quantization_config is not None:
         raise ConfigError(f"{src} is already quantized ({config.quantization_config}); "
                           "quantize from the float checkpoint")
-    method = method or DEFAULT_METHOD[bits]
-    hessians = None
-    if method == "gptq":
-        from .gptq import collect_hessians
-        hessians = collect_hessians(src, n_tokens=calib_tokens)
-    weights = load_weights(src, config, None)
-    qweights = quantize_weights(weights, config, bits, group_size, method,
-                                hessians=hessians, progress=progress)
-    info = {"bits": bits, "group_size": group_size, "method": method, "recipe": RECIPE}
+    qweights, info = quantize_float(src, config, bits, group_size, method,
+                                    n_tokens=calib_tokens, progress=progress)
     return Path(save_quantized(dst, src, qweights, config, info, overwrite=overwrite))

@@ -29,7 +29,8 @@ from .gptq import gptq_quantize
 from .search import quantize_search
 
 __all__ = ["quantize_weights", "quantize_model", "quantizable_names", "DEFAULT_GROUP_SIZE",
-           "DEFAULT_METHOD", "GPTQ_DAMP", "METHODS", "RECIPE", "default_mix", "use_more_bits"]
+           "DEFAULT_METHOD", "GPTQ_DAMP", "METHODS", "RECIPE",
+           "quantize_float", "default_mix", "use_more_bits"]
 
 METHODS = ("rtn", "search", "gptq")
 # int4 g32 (5.0 bits/weight, like ggml Q4_1) keeps SmolLM2-135M within 0.4% of
@@ -50,7 +51,7 @@ DEFAULT_GROUP_SIZE = 32
 GPTQ_DAMP = 0.1
 # Bumped whenever the defaults below change what a quantized checkpoint holds;
 # stored in quantization_config so cached copies made by an older recipe are redone.
-RECIPE = 2
+RECIPE = 4
 DEFAULT_METHOD = {8: "search", 4: "search", 3: "gptq"}
 # The embedding / lm_head format per bit width (see quantize_weights).
 DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
@@ -259,35 +260,26 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
     return {n: out[n] for n in expected}
 
 
-def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
+def quantize_float(src: str | Path, config: ModelConfig, bits: int,
                    group_size: int = DEFAULT_GROUP_SIZE, method: str | None = None,
                    calibration_texts=None, n_tokens: int = 2048, window: int = 512,
-                   progress: bool = True, overwrite: bool = False,
-                   calibrate: bool | None = None) -> Path:
-    """Float checkpoint directory -> Lingli quantized checkpoint directory.
+                   progress: bool = True, calibrate: bool | None = None) -> tuple[dict, dict]:
+    """A float checkpoint's quantized weights, the one recipe behind `lingli quantize`,
+    ``LLM(quant=...)`` and ``quantize_model``. Returns (weights, info for quantization_config).
 
     method None picks ``DEFAULT_METHOD[bits]``. calibrate: run calibration
-    text through the float model first (needed by "gptq"; lets "search" weight
-    its error by each input's mean x^2). None: for gptq, and for search below
-    8 bits.
+    text through the float model (needed by "gptq"; lets "search" weight its
+    error by each input's mean x^2). None: only for gptq.
     """
     from runtime.loader import load_weights
 
-    from .checkpoint import save_quantized
     from .gptq import collect_hessians
 
     method = method or DEFAULT_METHOD.get(bits, "search")
     _check_args(bits, group_size, method)
-    src = Path(src)
-    config = ModelConfig.from_dir(src)
-    if config.quantization_config is not None:
-        raise ValueError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
-                         "quantize from the float checkpoint")
     t0 = time.time()
     hessians = None
-    if calibrate is None:
-        calibrate = method == "gptq" or (method == "search" and bits < 8)
-    if calibrate or method == "gptq":
+    if method == "gptq" or calibrate:
         hessians = collect_hessians(src, calibration_texts, n_tokens=n_tokens, window=window,
                                     progress=progress)
     weights = load_weights(src, config, "fp32")
@@ -297,4 +289,24 @@ def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
             {"tokens": n_tokens, "window": window,
              "text": "pydoc_data.topics" if calibration_texts is None else "user"},
             "seconds": round(time.time() - t0, 1)}
+    return q, info
+
+
+def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
+                   group_size: int = DEFAULT_GROUP_SIZE, method: str | None = None,
+                   calibration_texts=None, n_tokens: int = 2048, window: int = 512,
+                   progress: bool = True, overwrite: bool = False,
+                   calibrate: bool | None = None) -> Path:
+    """Float checkpoint directory -> Lingli quantized checkpoint directory (``quantize_float``)."""
+    from .checkpoint import save_quantized
+
+    src = Path(src)
+    config = ModelConfig.from_dir(src)
+    if config.quantization_config is not None:
+        raise ValueError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
+                         "quantize from the float checkpoint")
+    if calibrate is None:
+        calibrate = (method or DEFAULT_METHOD.get(bits, "search")) == "search" and bits < 8
+    q, info = quantize_float(src, config, bits, group_size, method, calibration_texts, n_tokens,
+                             window, progress, calibrate)
     return save_quantized(out_dir, src, q, config, info, overwrite=overwrite)
