@@ -37,7 +37,12 @@ setup(
     install_requires=["numpy", "sentencepiece", "tokenizers", "jinja2", "gguf", "tqdm"],
     extras_require={
         # torch only for the transformers parity tests; pinned to the CPU build (2.13.0).
-        "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0",
+                 "fastapi", "uvicorn", "openai", "httpx"],
+        # `lingli serve` (runtime.server); the rest of the runtime does not need them.
+        "serve": ["fastapi", "uvicorn"],
+        # bench/ only: plots (bench_streams.py); llama-cpp-python is built by hand (anchors.md §7).
+        "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["lingli = runtime.cli:main"]},
     zip_safe=False,

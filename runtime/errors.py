@@ -27,3 +27,7 @@ class ContextLengthError(LingliError):
 
 class SamplingError(LingliError):
     """A sampling parameter is out of range."""
+
+
+class QueueFullError(LingliError):
+    """The server is at capacity: too many requests are already waiting to run."""
