@@ -205,7 +205,10 @@ def load_llm(model_dir, quant: str | None, threads: int, max_model_len: int,
     from .llm import LLM
 
     path, q = prepare_lingli(model_dir, quant, method, fresh=fresh, log=log)
-    kw = {"progress": False} if "progress" in inspect.signature(LLM).parameters else {}
+    params = inspect.signature(LLM).parameters
+    kw = {"progress": False} if "progress" in params else {}
+    if "enable_prefix_caching" in params:     # the same prompt is timed again and again
+        kw["enable_prefix_caching"] = False
     return LLM(path, quant=q, num_threads=threads, max_model_len=max_model_len, **kw)
 
 

@@ -55,6 +55,8 @@ class LLM:
     kv_cache_gb: KV pool budget (default DEFAULT_KV_CACHE_GB; at least one full
         context). Pages are mapped lazily, so an unused budget costs nothing.
     max_num_seqs, max_num_batched_tokens: the engine's batch limits.
+    enable_prefix_caching: reuse the KV blocks of earlier identical prompt
+        prefixes (off for benchmarks that time the same prompt repeatedly).
     """
 
     def __init__(self, model: str | os.PathLike, quant: str | None = None,
@@ -62,7 +64,8 @@ class LLM:
                  num_threads: int | None = None, block_size: int = 16,
                  group_size: int | None = None, quant_method: str | None = None,
                  progress: bool = True, kv_cache_gb: float | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512) -> None:
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True) -> None:
         from .hub import resolve_model
 
         if quant not in FLOAT_QUANTS and quant not in INT_QUANTS:
@@ -104,7 +107,8 @@ class LLM:
                                   self.config.num_kv_heads, self.config.head_dim)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
         self._engine_args = dict(max_num_seqs=max_num_seqs,
-                                 max_num_batched_tokens=max_num_batched_tokens)
+                                 max_num_batched_tokens=max_num_batched_tokens,
+                                 enable_prefix_caching=enable_prefix_caching)
         self._engine = None
         # Logits past the tokenizer's pieces are checkpoint padding: never sampled.
         self.sample_vocab = min(self.tokenizer.vocab_size, self.config.vocab_size) \

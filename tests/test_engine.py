@@ -78,8 +78,7 @@ def test_shared_prefix_same_output_fewer_blocks(model_dir):
     fewer blocks in use while both run, and the cache reports the hits."""
     results = {}
     for caching in (True, False):
-        llm = LLM(str(model_dir))
-        llm._engine_args["enable_prefix_caching"] = caching
+        llm = LLM(str(model_dir), enable_prefix_caching=caching)
         eng = llm.engine()
         prefix = _prompts(llm, 1, seed=9, lo=64, hi=65)[0]
         eng.add_request("a", prefix + [5, 6, 7], GREEDY)

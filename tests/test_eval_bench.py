@@ -287,3 +287,12 @@ def test_llamacpp_runs_the_export_like_lingli(tiny_dir, tiny_llm, tmp_path):
     got = _llama_logits(q8, ids)[:, :V]
     assert rel_err(got, ref_q8) < 0.08
     assert (got.argmax(1) == ref_q8.argmax(1)).mean() >= 0.75
+
+
+def test_prefill_measured_twice_on_one_model(tiny_dir):
+    """The same prompt timed again must be computed again, not served by the prefix cache."""
+    llm = bench_mod.load_llm(tiny_dir, None, 1, 200)
+    ids = list(range(5, 69))
+    assert bench_mod.measure_prefill(llm, ids) > 0
+    assert bench_mod.measure_prefill(llm, ids) > 0
+    assert llm.engine().stats().prefix_cache_hit_tokens == 0
