@@ -14,6 +14,11 @@ and as a share of the int8 VNNI peak of the build machine's cores
 (VNNI_PEAK_GOPS_PER_CORE, anchors.md section 7; set LINGLI_VNNI_PEAK to
 compare on another machine).
 
+Batched decode (M = 2..16 rows, a continuous-batching engine's decode step)
+reads cold weights like M=1 and should cost little more while the weight
+read dominates: reported as weight GB/s (against the read bandwidth, as
+M=1) and GOP/s, for TinyLlama-1.1B's MLP shapes at int4 g32.
+
 Shapes are (N, K) with w [N, K]: 4096x4096 (attention), 11008x4096 (MLP up,
 4096 -> 11008), 4096x11008 (MLP down) of LLaMA-7B, 5632x2048 and 2048x5632 of
 TinyLlama-1.1B. Codes and scales are random: the kernels' speed does not
@@ -42,6 +47,7 @@ FORMATS = [(8, 64), (4, 64), (3, 64), (8, 32), (4, 32), (3, 32)]
 M1_CASES = [(n, k, bits, g, t) for (bits, g) in FORMATS for (n, k) in SHAPES for t in THREADS
             if g == 64 or (n, k) in ((4096, 4096), (4096, 11008))]
 F16_CASES = [(n, k, t) for (n, k) in SHAPES for t in THREADS]
+BATCH_CASES = [(m, n, k, 4, 32, MACHINE_THREADS) for (n, k) in SHAPES[3:] for m in (2, 4, 8, 16)]
 PREFILL_CASES = [(512, n, k, 4, 64, MACHINE_THREADS) for n, k in SHAPES[:3]]
 PREFILL_CASES += [(16, 4096, 4096, 4, 64, MACHINE_THREADS), (512, 4096, 4096, 3, 64, MACHINE_THREADS),
                   (512, 4096, 4096, 8, 64, MACHINE_THREADS)]
@@ -120,6 +126,30 @@ def test_linear_f16_m1(benchmark, read_bw, report, N, K, threads):
         _C.set_num_threads(old)
     _bw_report(benchmark, read_bw, report, f"linear  M=1 {N:>5}x{K:<5} f16       ",
                w.nbytes, threads, bw_before)
+
+
+@pytest.mark.parametrize("M,N,K,bits,g,threads", BATCH_CASES,
+                         ids=[f"M{m}-{n}x{k}-int{b}-g{g}-t{t}" for m, n, k, b, g, t in BATCH_CASES])
+def test_qlinear_batched(benchmark, read_bw, report, M, N, K, bits, g, threads):
+    bw_before = read_bw(threads)
+    old = _C.get_num_threads()
+    _C.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(0)
+        t = random_qtensor(rng, N, K, bits, g)
+        copies = [t] + [copy_qtensor(t) for _ in range(-(-COLD_BYTES // t.nbytes) - 1)]
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        out = np.empty((M, N), np.float32)
+        call(x, t, out)
+        ts = itertools.cycle(copies)
+        benchmark(lambda: call(x, next(ts), out))
+    finally:
+        _C.set_num_threads(old)
+    gops = 2.0 * M * N * K / benchmark.stats.stats.min / 1e9
+    benchmark.extra_info.update(gops_best=round(gops, 1))
+    _bw_report(benchmark, read_bw, report, f"qlinear M={M:<3}{N:>5}x{K:<5} int{bits} g{g:<3}",
+               t.nbytes, threads, bw_before)
+    report(f"qlinear M={M:<3}{N:>5}x{K:<5} int{bits} g{g:<3} {gops:7.1f} GOP/s best")
 
 
 @pytest.mark.parametrize("M,N,K,bits,g,threads", PREFILL_CASES,

@@ -205,7 +205,7 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out) {
     int nt = threads_for_bytes(weight_bytes(w) + m * w.n * w.kp / 16);
     if (nt > w.n) nt = static_cast<int>(w.n);
 #if defined(__x86_64__)
-    if (path == QPath::Avx512Vnni && m >= kVnniTileMinRows) {
+    if (path == QPath::Avx512Vnni && m >= vnni_tile_min_rows(w.kp)) {
         // Activations rearranged once (threads split the tiles), then shared.
         VnniTiles* tiles = vnni_tiles(w, acts);
         const int64_t ntile = vnni_tile_count(tiles);
@@ -226,6 +226,14 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out) {
             const int64_t r0 = w.n * t / nth, r1 = w.n * (t + 1) / nth;
             if (r1 > r0) qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n);
         }
+        return;
+    }
+    if (path == QPath::Avx512Vnni && m > 1) {
+        // Batched decode: activations rearranged once, shared by the threads
+        // (m = 1 takes qgemm_avx512's decode kernel below).
+        VnniFew* few = vnni_few(w, acts);
+        vnni_few_fill(few, w, acts);
+        parallel_ranges(w.n, nt, [&](int64_t r0, int64_t r1) { qgemm_avx512_few(w, few, r0, r1, out, w.n); });
         return;
     }
 #endif

@@ -60,18 +60,33 @@ void quantize_acts_avx512(const float* x, int64_t m, int64_t k, int64_t kp,
 // The quantized AVX-512 path needs AVX-512 F/BW/VL and VNNI, not just AVX-512F.
 bool cpu_has_avx512_vnni();
 
-// AVX-512 VNNI prefill (a.m >= kVnniTileMinRows): the activation rows are
-// rearranged once per call into tiles of 16 rows (one per int32 lane), which
-// every thread then shares. vnni_tiles() sizes the calling thread's buffer
-// (serially); vnni_tiles_fill() fills tiles [t0, t1) (threads split the
-// tiles); qgemm_avx512_tiles() then takes weight rows [r0, r1).
+// AVX-512 VNNI has three kernels by the number of activation rows m: decode
+// (m = 1, qgemm_avx512), batched decode (1 < m < vnni_tile_min_rows(kp)) and
+// prefill tiles (from there). The batched kernel's cost grows with m in steps
+// of 2 rows, the tiles' in steps of 16 (one tile) plus a fixed part that
+// grows with K: with K >= 1024 batched decode is the faster up to 32 rows,
+// with shorter K the tiles are from 10.
+inline int64_t vnni_tile_min_rows(int64_t kp) { return kp >= 1024 ? 32 : 10; }
+
+// AVX-512 VNNI prefill: the activation rows are rearranged once per call
+// into tiles of 16 rows (one per int32 lane), which every thread then
+// shares. vnni_tiles() sizes the calling thread's buffer (serially);
+// vnni_tiles_fill() fills tiles [t0, t1) (threads split the tiles);
+// qgemm_avx512_tiles() then takes weight rows [r0, r1).
 struct VnniTiles;
-constexpr int64_t kVnniTileMinRows = 16;
 VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a);
 int64_t vnni_tile_count(const VnniTiles* t);
 void vnni_tiles_fill(VnniTiles* t, const QActs& a, int64_t t0, int64_t t1);
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
                         int64_t ldo);
+
+// AVX-512 VNNI batched decode: vnni_few() sizes the calling thread's buffer
+// and vnni_few_fill() rearranges the activations into it (serially; it is
+// cheap next to the products); qgemm_avx512_few() takes weight rows [r0, r1).
+struct VnniFew;
+VnniFew* vnni_few(const QMatrix& w, const QActs& a);
+void vnni_few_fill(VnniFew* f, const QMatrix& w, const QActs& a);
+void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo);
 #endif
 
 // ------------------------------------------------------------ dispatcher ---

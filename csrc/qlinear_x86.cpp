@@ -6,13 +6,15 @@
 // sum_b d_b m_g sum_b = sum_g m_g C_g with C_g = sum_{b in g} d_b sum_b, an
 // activation-only vector, so it costs one short dot per output.
 //
-// AVX-512 VNNI (the kernels are in qlinear_x86_vnni.inc). The unit of work
-// is an "octet" of 8 blocks (256 inputs). Every format is unpacked with
-// shifts, masks and 64-bit permutes into the same planar order: four
-// registers j = 0..3 whose qword k holds codes 8j..8j+7 of block k. The
-// activations (reused by every weight row) are rearranged once per call to
-// match, so one vpdpbusd accumulator per octet holds each block's dot in 2
-// int32 lanes, converted and scaled once per octet:
+// AVX-512 VNNI (the kernels are in qlinear_x86_vnni.inc) has three kernels,
+// by the number of activation rows m (qlinear.h: vnni_tile_min_rows):
+//
+// Decode (m = 1, run_decode). The unit of work is an "octet" of 8 blocks
+// (256 inputs). Every format is unpacked with shifts, masks and 64-bit
+// permutes into the same planar order: four registers j = 0..3 whose qword
+// k holds codes 8j..8j+7 of block k. The activations are rearranged once per
+// call to match, so one vpdpbusd accumulator per octet holds each block's dot
+// in 2 int32 lanes, converted and scaled once per octet:
 //   int3: the 64 low-plane bytes of 8 blocks: (L >> 2j) & 3 is plane j (one
 //         GF(2) affine map with GFNI); the high plane's bits are placed at
 //         bit 2 of each byte by vpmultishiftqb (AVX512_VBMI) and or-ed in,
@@ -23,15 +25,28 @@
 //         codes it meets, so every lane holds its exact partial dot.
 // The float step per octet is cvt, * d (per lane, precomputed) and an FMA
 // with the weight scales (the octet's f16 scales, converted and spread by one
-// permute). Decode (run_decode) streams one weight row at a time with no
-// masks on full octets, 16 scales converted at a time and software prefetch
-// kPrefetchBytes ahead; for a few activation rows (< kVnniTileMinRows), up to
-// 4 x-rows x 2 weight rows share the unpacked weights and x loads, and weight
-// rows are taken in L2-sized blocks while all x tiles pass. Prefill (more
-// rows) has its own kernel with activation rows in the int32 lanes (see
-// "VNNI prefill" below). The activation buffers are
-// 64-byte aligned; weights need not be (numpy and mmap views often are not),
-// so each weight vector is loaded once and split-line loads stay few.
+// permute). It streams one weight row at a time with no masks on full octets,
+// 16 scales converted at a time and software prefetch kPrefetchBytes ahead:
+// memory-bound, ~90-100% of the read bandwidth.
+//
+// Batched decode (a few rows: a continuous-batching engine's decode step,
+// run_few, "batched decode" below). Decode's cost per row would be mostly
+// its float steps and unpacking, so here the unit is a "hexad" of 16 blocks
+// with one lane per block (8 vpdpbusd per float step) and each unpacked
+// weight hexad serves 8 activation rows, 2 weight rows sharing each x load:
+// the weights are read from memory once per call, and an extra row costs
+// ~0.4-0.5 cycles per 32 inputs per weight row on Zen 5 (its vector pipes'
+// bound for this mix is 0.34: 8 vpdpbusd + 3 float ops per 16 blocks, 2 per
+// cycle). Up to 8 rows per pass; K is cut
+// into chunks whose activations stay in L1, the weight rows into L2-sized
+// blocks, the next block prefetched under the current one's work.
+//
+// Prefill (more rows, "VNNI prefill" below): activation rows in the int32
+// lanes, 16 per tile, and the weights decoded to int8 per row block.
+//
+// The activation buffers are 64-byte aligned; weights need not be (numpy and
+// mmap views often are not), so each weight vector is loaded once and
+// split-line loads stay few.
 //
 // AVX2: one block at a time in natural order (int4: nibble split, int3:
 // broadcast + variable shift, high bits by byte shuffle + compare), maddubs
@@ -254,10 +269,163 @@ void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
     }
 }
 
+// 16 x 8 dword transpose: z[t] holds rows 2t and 2t + 1 (8 dwords each);
+// out[j] lane l = dword j of row l. Three rounds of two-source dword
+// permutes (rows 4q..4q+3 per vector, then 8, then 16).
+LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void transpose16x8(const __m512i (&z)[8],
+                                                                             __m512i (&out)[8]) {
+    alignas(64) static constexpr struct Idx {
+        int32_t i1[2][16], i2[2][16], i3[2][16];
+        constexpr Idx() : i1{}, i2{}, i3{} {
+            for (int h = 0; h < 2; ++h)
+                for (int n = 0; n < 16; ++n) {
+                    const int j1 = 4 * h + n / 4, r1 = n % 4;  // stage 1: lane j'*4 + r'
+                    i1[h][n] = (r1 >> 1) * 16 + (r1 & 1) * 8 + j1;
+                    const int j2 = 2 * h + n / 8, r2 = n % 8;  // stage 2 (e = h): lane jj*8 + r''
+                    i2[h][n] = (r2 >> 2) * 16 + j2 * 4 + (r2 & 3);
+                    i3[h][n] = (n >> 3) * 16 + h * 8 + (n & 7);  // stage 3 (jj = h): lane l
+                }
+        }
+    } kIdx{};
+    __m512i A[4][2], B[2][2][2];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+            A[q][h] = _mm512_permutex2var_epi32(z[2 * q], _mm512_load_si512(kIdx.i1[h]), z[2 * q + 1]);
+#pragma GCC unroll 2
+    for (int s2 = 0; s2 < 2; ++s2)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 2
+            for (int e = 0; e < 2; ++e)
+                B[s2][h][e] = _mm512_permutex2var_epi32(A[2 * s2][h], _mm512_load_si512(kIdx.i2[e]), A[2 * s2 + 1][h]);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 2
+        for (int e = 0; e < 2; ++e)
+#pragma GCC unroll 2
+            for (int jj = 0; jj < 2; ++jj)
+                out[4 * h + 2 * e + jj] = _mm512_permutex2var_epi32(B[0][h][e], _mm512_load_si512(kIdx.i3[jj]), B[1][h][e]);
+}
+
 }  // namespace
+
+// ====================================================== batched decode ===
+// A few activation rows (qlinear.h: VnniFew). The unit is a "hexad" of 16
+// blocks (512 inputs) with one int32 lane per block: plane j (j = 0..7) of a
+// hexad holds dword j (codes 4j..4j+3) of each of its 16 blocks, so one
+// weight row against one activation row is 8 vpdpbusd into one accumulator
+// whose lanes are the 16 block dots, then cvt, one multiply (d * s per lane)
+// and one FMA (plus one FMA for the min term: lanes d_b * sum_b against the
+// mins spread to blocks). The activation rows are rearranged once per call
+// into records of 640 bytes per (hexad, row): the 8 planes, the lanes' d,
+// then d_b * sum_b (int4/int3) or -128 * sum_b (int8, whose weights enter
+// as w + 128). Records of one hexad are adjacent for all rows, so the x
+// loads of a hexad walk consecutive cache lines.
+//
+// The kernels take the rows in passes of at most kFewRows (few_pass_row),
+// in even numbers: a pass of an odd number of rows also reads the next row,
+// for the last pass a spare row of zeros (mr = m + 1 records per hexad).
+// A last 1..8 blocks ("tail", as in K = 576 = 18 blocks) would waste most
+// of a hexad; their T blocks take L = 1, 2, 4 or 8 lanes (L >= T), and one
+// record holds 16 / L rows of a pass (lane g * L + l: row g, block l).
+constexpr int64_t kHexRec = 640;
+constexpr int kFewRows = 8;
+
+inline int64_t few_passes(int64_t m) { return (m + kFewRows - 1) / kFewRows; }
+inline int64_t few_pass_row(int64_t m, int64_t k) { return m * k / few_passes(m); }  // first row of pass k
+
+struct VnniFew {
+    int64_t m = 0, mr = 0, nb = 0, nh = 0;
+    int64_t tail = 0, tl = 0;            // tail blocks (0: none) and lanes per row
+    std::vector<int64_t> toff;           // per pass: its first tail record
+    std::vector<uint8_t, Aligned64<uint8_t>> buf;  // [nh][mr][640], then the tail records
+    const uint8_t* hex(int64_t h, int64_t i) const { return buf.data() + (h * mr + i) * kHexRec; }
+    const uint8_t* trec(int64_t t) const { return buf.data() + (nh * mr + t) * kHexRec; }
+};
+
+VnniFew* vnni_few(const QMatrix& w, const QActs& a) {
+    thread_local VnniFew f;
+    f.m = a.m;
+    f.mr = a.m + 1;
+    f.nb = a.kp / QBLOCK;
+    const int64_t r = f.nb % 16;
+    f.tail = r >= 1 && r <= 8 ? r : 0;
+    f.tl = f.tail <= 1 ? 1 : f.tail <= 2 ? 2 : f.tail <= 4 ? 4 : 8;
+    f.nh = (f.nb - f.tail + 15) / 16;
+    const int64_t np = few_passes(f.m), g = 16 / f.tl;
+    f.toff.assign(static_cast<size_t>(np + 1), 0);
+    for (int64_t k = 0; k < np; ++k) {
+        const int64_t rows = (few_pass_row(f.m, k + 1) - few_pass_row(f.m, k) + 1) / 2 * 2;
+        f.toff[k + 1] = f.toff[k] + (f.tail ? (rows + g - 1) / g : 0);
+    }
+    f.buf.resize(static_cast<size_t>((f.nh * f.mr + f.toff[np]) * kHexRec));
+    for (int64_t h = 0; h < f.nh; ++h) std::memset(const_cast<uint8_t*>(f.hex(h, f.m)), 0, kHexRec);
+    (void)w;
+    return &f;
+}
+
+LINGLI_TARGET_VNNI void vnni_few_fill(VnniFew* fp, const QMatrix& w, const QActs& a) {
+    VnniFew& f = *fp;
+    const int64_t nb = f.nb;
+    const bool int8 = w.bits == 8;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t i = 0; i < f.m; ++i) {
+        const int8_t* xr = a.q + i * a.kp;
+        for (int64_t h = 0; h < f.nh; ++h) {
+            const int64_t nbk = std::min<int64_t>(16, nb - 16 * h);
+            uint8_t* rec = const_cast<uint8_t*>(f.hex(h, i));
+            __m512i z[8], pl[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; ++t) {
+                const int64_t n = nbk * 32 - t * 64;
+                z[t] = n >= 64 ? _mm512_loadu_si512(xr + h * 512 + t * 64)
+                               : _mm512_maskz_loadu_epi8(n <= 0 ? 0 : (~0ULL >> (64 - n)), xr + h * 512 + t * 64);
+            }
+            transpose16x8(z, pl);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) _mm512_store_si512(rec + j * 64, pl[j]);
+            const __mmask16 bm = static_cast<__mmask16>(nbk >= 16 ? 0xffffu : (1u << nbk) - 1u);
+            const __m512 d = _mm512_maskz_loadu_ps(bm, a.d + i * nb + h * 16);
+            const __m512i sm = _mm512_maskz_loadu_epi32(bm, a.sums + i * nb + h * 16);
+            _mm512_store_ps(reinterpret_cast<float*>(rec + 512), d);
+            if (int8) _mm512_store_si512(rec + 576, _mm512_sub_epi32(zero, _mm512_slli_epi32(sm, 7)));
+            else _mm512_store_ps(reinterpret_cast<float*>(rec + 576), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sm)));
+        }
+    }
+    if (!f.tail) return;
+    const int64_t b0 = f.nh * 16, L = f.tl, G = 16 / L;
+    for (int64_t k = 0; k + 1 < static_cast<int64_t>(f.toff.size()); ++k) {
+        const int64_t i0 = few_pass_row(f.m, k), i1 = few_pass_row(f.m, k + 1);
+        for (int64_t t = f.toff[k]; t < f.toff[k + 1]; ++t) {
+            uint8_t* rec = const_cast<uint8_t*>(f.trec(t));
+            std::memset(rec, 0, kHexRec);
+            int32_t* pl = reinterpret_cast<int32_t*>(rec);
+            float* dl = reinterpret_cast<float*>(rec + 512);
+            float* el = reinterpret_cast<float*>(rec + 576);
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t i = i0 + (t - f.toff[k]) * G + g;
+                if (i >= i1) break;
+                for (int64_t l = 0; l < f.tail; ++l) {
+                    const int64_t b = b0 + l, lane = g * L + l;
+                    for (int j = 0; j < 8; ++j) std::memcpy(pl + j * 16 + lane, a.q + i * a.kp + b * 32 + j * 4, 4);
+                    dl[lane] = a.d[i * nb + b];
+                    if (int8) reinterpret_cast<int32_t*>(el)[lane] = -128 * a.sums[i * nb + b];
+                    else el[lane] = a.d[i * nb + b] * static_cast<float>(a.sums[i * nb + b]);
+                }
+            }
+        }
+    }
+}
 
 // Decode prefetch distance in the weight code stream (~4 int4 rows of 4096).
 constexpr int64_t kPrefetchBytes = 8192;
+// Batched decode: x records per K chunk (to stay in L1 with the weight
+// stream); weight bytes per row block when there are several chunks or
+// passes.
+constexpr int64_t kFewChunkBytes = 24 << 10;
+constexpr int64_t kFewBlockBytes = 128 << 10;
 
 namespace vnni_base {
 #define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI
@@ -441,9 +609,11 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
             s2 = _mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2));
             init[b] = -128 * (static_cast<int32_t>(_mm_cvtsi128_si32(s2)) + bias);
         }
-        for (int64_t g = 0; g < ng; ++g) {
-            tw.sf[rr * ng + g] = _cvtsh_ss(w.scales[r * ng + g]);
-            if (w.mins) tw.mf[rr * ng + g] = _cvtsh_ss(w.mins[r * ng + g]);
+        for (int64_t g = 0; g < ng; g += 16) {  // f16 -> f32, 16 at a time
+            const __mmask16 gm = static_cast<__mmask16>(ng - g >= 16 ? 0xffffu : (1u << (ng - g)) - 1u);
+            _mm512_mask_storeu_ps(tw.sf.data() + rr * ng + g, gm, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, w.scales + r * ng + g)));
+            if (w.mins)
+                _mm512_mask_storeu_ps(tw.mf.data() + rr * ng + g, gm, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, w.mins + r * ng + g)));
         }
     }
 }
@@ -643,26 +813,34 @@ void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float*
     }
 }
 
+void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    switch (w.bits) {
+        case 8: vnni_base::run_few_bits<8>(w, *f, r0, r1, out, ldo); break;
+        case 4: vnni_base::run_few_bits<4>(w, *f, r0, r1, out, ldo); break;
+        default:
+            if (cpu_has_vnni_ext()) vnni_ext::run_few_bits<3>(w, *f, r0, r1, out, ldo);
+            else vnni_base::run_few_bits<3>(w, *f, r0, r1, out, ldo);
+            break;
+    }
+}
+
 void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-    thread_local VnniPrep p;
-    prepare_vnni(w, a, p);
-    if (a.m == 1) {
-        switch (w.bits) {
-            case 8: vnni_base::run_decode<8>(w, p, r0, r1, out); break;
-            case 4: vnni_base::run_decode<4>(w, p, r0, r1, out); break;
-            default:
-                if (cpu_has_vnni_ext()) vnni_ext::run_decode<3>(w, p, r0, r1, out);
-                else vnni_base::run_decode<3>(w, p, r0, r1, out);
-                break;
-        }
+    if (a.m > 1) {
+        // Self-contained (each caller thread rearranges the activations);
+        // qlinear() does that once and shares it.
+        VnniFew* f = vnni_few(w, a);
+        vnni_few_fill(f, w, a);
+        qgemm_avx512_few(w, f, r0, r1, out, ldo);
         return;
     }
+    thread_local VnniPrep p;
+    prepare_vnni(w, a, p);
     switch (w.bits) {
-        case 8: vnni_base::run_vnni<8>(w, p, r0, r1, out, ldo); break;
-        case 4: vnni_base::run_vnni<4>(w, p, r0, r1, out, ldo); break;
+        case 8: vnni_base::run_decode<8>(w, p, r0, r1, out); break;
+        case 4: vnni_base::run_decode<4>(w, p, r0, r1, out); break;
         default:
-            if (cpu_has_vnni_ext()) vnni_ext::run_vnni<3>(w, p, r0, r1, out, ldo);
-            else vnni_base::run_vnni<3>(w, p, r0, r1, out, ldo);
+            if (cpu_has_vnni_ext()) vnni_ext::run_decode<3>(w, p, r0, r1, out);
+            else vnni_base::run_decode<3>(w, p, r0, r1, out);
             break;
     }
 }
