@@ -331,12 +331,7 @@ def create_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         _check_ranges(body)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
+        _refuse_unsupported(body, ("echo", "logprobs", "suffix"))
         n = body.n or 1
         if body.best_of not in (None, 1, n):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
@@ -350,10 +345,7 @@ def create_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None,
     async def chat(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         _check_ranges(body)
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
-        if body.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        _refuse_unsupported(body, ("logprobs", "tools"))
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat")
         try:
@@ -385,6 +377,13 @@ def create_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None,
         return JSONResponse(result)
 
     return app
+
+
+def _refuse_unsupported(body: BaseModel, fields: Sequence[str]) -> None:
+    """Fields that would change the answer's meaning get a 400, never silence."""
+    for f in fields:
+        if getattr(body, f, None):
+            raise APIError(400, f"{f} is not supported", param=f)
 
 
 def _seed(seed: int | None, i: int) -> int | None:
