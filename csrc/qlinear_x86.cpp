@@ -480,24 +480,11 @@ VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a) {
 
 int64_t vnni_tile_count(const VnniTiles* t) { return t->ntile; }
 
-// Per tile and block: the 16 x 32 codes are transposed as 16 x 8 dwords by
-// three rounds of two-source dword permutes (rows 4q..4q+3 per vector, then
-// 8, then 16), offset by 128 and stored as the 8 planes.
+// Per tile and block: the 16 x 32 codes are transposed as 16 x 8 dwords
+// (transpose16x8), offset by 128 and stored as the 8 planes.
 LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t0, int64_t t1) {
     VnniTiles& t = *tp;
     const int64_t nb = t.nb, ng = t.ng, bpg = t.group_size / QBLOCK;
-    alignas(64) int32_t i1[2][16], i2[2][16], i3[2][16];
-    for (int h = 0; h < 2; ++h)
-        for (int n = 0; n < 16; ++n) {
-            const int j1 = 4 * h + n / 4, r1 = n % 4;  // stage 1: lane j'*4 + r'
-            i1[h][n] = (r1 >> 1) * 16 + (r1 & 1) * 8 + j1;
-            const int j2 = 2 * h + n / 8, r2 = n % 8;  // stage 2 (e = h): lane jj*8 + r''
-            i2[h][n] = (r2 >> 2) * 16 + j2 * 4 + (r2 & 3);
-            i3[h][n] = (n >> 3) * 16 + h * 8 + (n & 7);  // stage 3 (jj = h): lane l
-        }
-    const __m512i I1[2] = {_mm512_load_si512(i1[0]), _mm512_load_si512(i1[1])};
-    const __m512i I2[2] = {_mm512_load_si512(i2[0]), _mm512_load_si512(i2[1])};
-    const __m512i I3[2] = {_mm512_load_si512(i3[0]), _mm512_load_si512(i3[1])};
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int64_t T = t0; T < t1; ++T) {
         uint8_t* xq = t.xq.data() + T * nb * 512;
@@ -514,20 +501,10 @@ LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t
                                                   : _mm256_setzero_si256();
                 Z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             }
-            __m512i A[4][2], B[2][2][2];
-            for (int q = 0; q < 4; ++q)
-                for (int h = 0; h < 2; ++h) A[q][h] = _mm512_permutex2var_epi32(Z[2 * q], I1[h], Z[2 * q + 1]);
-            for (int s2 = 0; s2 < 2; ++s2)
-                for (int h = 0; h < 2; ++h)
-                    for (int e = 0; e < 2; ++e)
-                        B[s2][h][e] = _mm512_permutex2var_epi32(A[2 * s2][h], I2[e], A[2 * s2 + 1][h]);
-            for (int h = 0; h < 2; ++h)
-                for (int e = 0; e < 2; ++e)
-                    for (int jj = 0; jj < 2; ++jj) {
-                        const int j = 4 * h + 2 * e + jj;
-                        const __m512i P = _mm512_permutex2var_epi32(B[0][h][e], I3[jj], B[1][h][e]);
-                        _mm512_store_si512(xq + b * 512 + j * 64, _mm512_xor_si512(P, flip));
-                    }
+            __m512i P[8];
+            transpose16x8(Z, P);
+            for (int j = 0; j < 8; ++j)
+                _mm512_store_si512(xq + b * 512 + j * 64, _mm512_xor_si512(P[j], flip));
             for (int l = 0; l < 16; ++l) dl[b * 16 + l] = l < nl ? a.d[(T * 16 + l) * nb + b] : 0.f;
         }
         if (t.mins) {
