@@ -91,21 +91,28 @@ def _bw_report(benchmark, read_bw, report, label, nbytes, threads, bw_before):
                          ids=[f"{n}x{k}-int{b}-g{g}-t{t}" for n, k, b, g, t in M1_CASES])
 def test_qlinear_m1(benchmark, read_bw, report, N, K, bits, g, threads):
     bw_before = read_bw(threads)
+    t = _bench_cold(benchmark, 1, N, K, bits, g, threads)
+    _bw_report(benchmark, read_bw, report, f"qlinear M=1 {N:>5}x{K:<5} int{bits} g{g:<3}",
+               t.nbytes, threads, bw_before)
+
+
+def _bench_cold(benchmark, M, N, K, bits, g, threads):
+    """Time qlinear [M, K] x [N, K] cycling through copies of the weights larger
+    than the caches, so every call streams them from memory; returns the tensor."""
     old = _C.get_num_threads()
     _C.set_num_threads(threads)
     try:
         rng = np.random.default_rng(0)
         t = random_qtensor(rng, N, K, bits, g)
         copies = [t] + [copy_qtensor(t) for _ in range(-(-COLD_BYTES // t.nbytes) - 1)]
-        x = rng.standard_normal((1, K), dtype=np.float32)
-        out = np.empty((1, N), np.float32)
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        out = np.empty((M, N), np.float32)
         call(x, t, out)  # start the thread pool
         ts = itertools.cycle(copies)
         benchmark(lambda: call(x, next(ts), out))
     finally:
         _C.set_num_threads(old)
-    _bw_report(benchmark, read_bw, report, f"qlinear M=1 {N:>5}x{K:<5} int{bits} g{g:<3}",
-               t.nbytes, threads, bw_before)
+    return t
 
 
 @pytest.mark.parametrize("N,K,threads", F16_CASES, ids=[f"{n}x{k}-f16-t{t}" for n, k, t in F16_CASES])
@@ -132,19 +139,7 @@ def test_linear_f16_m1(benchmark, read_bw, report, N, K, threads):
                          ids=[f"M{m}-{n}x{k}-int{b}-g{g}-t{t}" for m, n, k, b, g, t in BATCH_CASES])
 def test_qlinear_batched(benchmark, read_bw, report, M, N, K, bits, g, threads):
     bw_before = read_bw(threads)
-    old = _C.get_num_threads()
-    _C.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(0)
-        t = random_qtensor(rng, N, K, bits, g)
-        copies = [t] + [copy_qtensor(t) for _ in range(-(-COLD_BYTES // t.nbytes) - 1)]
-        x = rng.standard_normal((M, K), dtype=np.float32)
-        out = np.empty((M, N), np.float32)
-        call(x, t, out)
-        ts = itertools.cycle(copies)
-        benchmark(lambda: call(x, next(ts), out))
-    finally:
-        _C.set_num_threads(old)
+    t = _bench_cold(benchmark, M, N, K, bits, g, threads)
     gops = 2.0 * M * N * K / benchmark.stats.stats.min / 1e9
     benchmark.extra_info.update(gops_best=round(gops, 1))
     _bw_report(benchmark, read_bw, report, f"qlinear M={M:<3}{N:>5}x{K:<5} int{bits} g{g:<3}",
