@@ -74,10 +74,10 @@ def kv_waste(llm, n: int, seed: int = 1) -> dict:
     peak_used = 0
     while eng.has_unfinished_requests():
         eng.step()
-        running = [r.kv for r in eng.scheduler.running]
-        reserved += sum(len(s.block_table) for s in running) * llm.cache.block_size
-        filled += sum(s.num_tokens for s in running)
-        peak_used = max(peak_used, eng.stats().kv_blocks_used)
+        st = eng.blocks.stats([r.kv for r in eng.scheduler.running])
+        reserved += st.reserved_slots
+        filled += st.filled_slots
+        peak_used = max(peak_used, st.used)
     st = eng.stats()
     return {"requests": n, "waste": 1 - filled / reserved if reserved else 0.0,
             "peak_blocks_used": peak_used, "blocks_total": st.kv_blocks_total,

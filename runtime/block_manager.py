@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kv_cache import KVCacheFullError, PagedKVCache, SequenceKV
+from .kv_cache import PagedKVCache, SequenceKV
 
 
 def block_hashes(token_ids, block_size: int, n_blocks: int, parent: bytes = b"") -> list[bytes]:
@@ -95,13 +95,7 @@ class BlockManager:
 
     def reserve(self, seq: SequenceKV, num_tokens: int) -> None:
         """Blocks for positions [0, num_tokens); all or nothing (KVCacheFullError)."""
-        need = self.blocks_needed(seq, num_tokens)
-        if need > self.pool.num_free:
-            raise KVCacheFullError(
-                f"KV cache is full: the sequence needs {need} more blocks of {self.block_size} "
-                f"tokens but only {self.pool.num_free} of {self.pool.num_blocks} are free")
-        for _ in range(need):
-            seq.block_table.append(self.pool.allocate())
+        self.cache.reserve(seq, num_tokens)
 
     def prepare_write(self, seq: SequenceKV, start: int, end: int) -> None:
         """Copy on write: make the blocks holding positions [start, end) private to `seq`."""
@@ -140,9 +134,5 @@ class BlockManager:
 
     def free(self, seq: SequenceKV) -> None:
         """Return `seq`'s blocks; full hashed blocks stay cached until evicted."""
-        # Free in reverse so the LRU list evicts a prefix's tail before its head.
-        for block in reversed(seq.block_table):
-            self.pool.free(block)
-        seq.block_table.clear()
-        seq.num_tokens = 0
+        self.cache.release(seq)
         self._hashes.pop(id(seq), None)

@@ -188,6 +188,3 @@ class LLMEngine:
             del self.requests[req.request_id]
         return EngineOutput(req.request_id, [token], text, reason is not None, reason,
                             len(req.prompt_ids), len(req.output_ids))
-
-    def running_requests(self) -> list[Request]:
-        return [r for r in self.requests.values() if r.status is Status.RUNNING]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _C
 from .errors import LingliError
 
 
@@ -206,7 +207,9 @@ class PagedKVCache:
 
     def release(self, seq: SequenceKV) -> None:
         """Return every block of `seq` to the pool."""
-        for block in seq.block_table:
+        # Last block first, so the prefix cache's LRU list evicts a prefix's tail
+        # before its head (a head is useful without its tail, not the reverse).
+        for block in reversed(seq.block_table):
             self.allocator.free(block)
         seq.block_table.clear()
         seq.num_tokens = 0
@@ -214,7 +217,6 @@ class PagedKVCache:
     def write(self, layer: int, batch: BatchKV, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
-        from . import _C
         _C.paged_write(self.k[layer], self.v[layer], batch.block_tables, batch.seq_ids,
                        positions, np.ascontiguousarray(k, dtype=np.float32),
                        np.ascontiguousarray(v, dtype=np.float32))

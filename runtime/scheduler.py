@@ -39,7 +39,6 @@ class Request:
     kv: SequenceKV = field(default_factory=SequenceKV)
     num_computed: int = 0          # tokens whose keys/values are in the cache
     status: Status = Status.WAITING
-    preemptions: int = 0
     state: Any = None              # the engine's per-request sampler and detokenizer
 
     @property
@@ -100,7 +99,6 @@ class Scheduler:
         self.blocks.free(req.kv)
         req.num_computed = 0
         req.status = Status.WAITING
-        req.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(req)     # first in line again: it arrived before the others
 
