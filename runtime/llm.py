@@ -128,23 +128,9 @@ class LLM:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise LingliError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        eng = self.engine()
-        if eng.has_unfinished_requests():
-            raise LingliError("the engine is busy with other requests (one caller at a time)")
         outs = [RequestOutput(prompt_token_ids=[]) for _ in prompts]
-        by_id = {}
-        try:
-            for i, (prompt, p) in enumerate(zip(prompts, plist)):
-                rid = f"generate-{i}"
-                eng.add_request(rid, prompt, p or SamplingParams())
-                outs[i].prompt_token_ids = eng.requests[rid].prompt_ids
-                by_id[rid] = outs[i]
-            while eng.has_unfinished_requests():
-                for o in eng.step():
-                    _collect(by_id[o.request_id], o)
-        finally:
-            for rid in by_id:
-                eng.abort_request(rid)
+        for _ in self._drive(list(zip(prompts, plist)), outs):
+            pass
         return outs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -154,20 +140,30 @@ class LLM:
         Pass `output` to receive token ids and the finish reason as well.
         """
         out = output if output is not None else RequestOutput(prompt_token_ids=[])
+        yield from self._drive([(prompt, params)], [out])
+
+    def _drive(self, jobs: list[tuple[Prompt, SamplingParams | None]],
+               outs: list[RequestOutput]) -> Iterator[str]:
+        """Run `jobs` as one batch on the engine, filling `outs`; yields new text pieces.
+        If the caller stops early, every request is aborted and its blocks go back."""
         eng = self.engine()
         if eng.has_unfinished_requests():
             raise LingliError("the engine is busy with other requests (one caller at a time)")
-        rid = "stream"
-        eng.add_request(rid, prompt, params or SamplingParams())
-        out.prompt_token_ids = eng.requests[rid].prompt_ids
+        by_id = {}
         try:
+            for i, ((prompt, p), out) in enumerate(zip(jobs, outs)):
+                rid = f"llm-{i}"
+                eng.add_request(rid, prompt, p or SamplingParams())
+                out.prompt_token_ids = eng.requests[rid].prompt_ids
+                by_id[rid] = out
             while eng.has_unfinished_requests():
                 for o in eng.step():
-                    _collect(out, o)
+                    _collect(by_id[o.request_id], o)
                     if o.new_text:
                         yield o.new_text
         finally:
-            eng.abort_request(rid)      # the caller stopped early: give the blocks back
+            for rid in by_id:
+                eng.abort_request(rid)
 
     def engine(self):
         """The continuous-batching engine over this model and its KV pool (made once)."""
