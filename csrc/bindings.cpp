@@ -367,7 +367,9 @@ py::tuple quantize_acts(const py::array& x, int64_t kp) {
 
 py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
                   const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
-                  const py::object& out_obj) {
+                  const py::object& out_obj, int act_steps) {
+    if (act_steps != 1 && act_steps != 2)
+        fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
     if (bits != 8 && bits != 4 && bits != 3)
         fail("qlinear: bits must be 8, 4 or 3, got " + std::to_string(bits));
     if (group_size != 32 && group_size != 64 && group_size != 128)
@@ -430,7 +432,7 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         if (M > 0 && N > 0 && Kp == 0) {
             std::fill(yp, yp + M * N, 0.f);
         } else {
-            lingli::qlinear(xp, M, w, yp);
+            lingli::qlinear(xp, M, w, yp, act_steps);
         }
     }
     return out;
@@ -495,9 +497,10 @@ PYBIND11_MODULE(_C, m) {
           "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "
           "sums int32 [M,kp/32]) with d = max|x|/127, q = nearbyint(x/d); inputs past K are 0.");
     m.def("qlinear", &qlinear, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("q"),
-          py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("out") = py::none(),
+          py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("out") = py::none(), py::arg("act_steps") = 1,
           "y[M,N] = x[M,K] @ W.T for W in Lingli's int8/int4/int3 layout (runtime.quant.formats); "
-          "x is quantized to int8 per 32-input block on the fly. Writes into `out` if given.");
+          "x is quantized to int8 per 32-input block on the fly (act_steps=2: plus its residual, "
+          "~14-bit activations). Writes into `out` if given.");
     m.def("qlinear_path", [] { return std::string(lingli::qgemm_path()); },
           "The quantized kernel the current ISA selects: avx512_vnni, avx2, neon_dot, neon or plain.");
 

@@ -99,7 +99,10 @@ void quantize_acts(const float* x, int64_t m, int64_t k, int64_t kp,
 
 // out[m, w.n] = x[m, w.k] @ dequantize(w).T with x quantized per 32-block
 // (arguments already validated: w.k <= w.kp, pointers match the format).
-void qlinear(const float* x, int64_t m, const QMatrix& w, float* out);
+// act_steps = 2 also quantizes the residual x - d * q to int8 and adds its
+// product: ~14-bit activations at the cost of twice the multiplies (the
+// weights are still read once), for inputs whose outliers int8 blocks lose.
+void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps = 1);
 
 // Name of the quantized kernel current_isa() selects ("plain", "avx2",
 // "avx512_vnni", "neon", "neon_dot"), for benchmarks and tests.

@@ -196,6 +196,40 @@ def test_qlinear_paths(restore_isa, bits, group_size, m, n, k):
     check_all_paths(x, qt, f"int{bits} g{group_size} {m}x{n}x{k}")
 
 
+# Two-step activations (act_steps=2): the residual x - d*q is quantized again
+# and its product added, as the CPU backend runs int8 weights.
+TWO_STEP_SHAPES = [(1, 7, 100), (1, 129, 1056), (3, 33, 576), (17, 5, 1000), (33, 9, 1024)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m,n,k", TWO_STEP_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in TWO_STEP_SHAPES])
+def test_qlinear_two_step_activations(restore_isa, bits, m, n, k):
+    rng = rng_for("two-step", bits, m, n, k)
+    qt = quantize_rtn(make_weights(rng, n, k), bits, 32)
+    x = make_x(rng, m, k)
+    kp = qt.padded_k
+    q1, d1, s1 = np_quantize_acts(x, kp)
+    resid = x - (np.repeat(d1, 32, axis=1) * q1.astype(np.float32))[:, :k]
+    q2, d2, s2 = np_quantize_acts(resid, kp)
+    y1, mag1 = exact_reference(qt, q1, d1, s1)
+    y2, mag2 = exact_reference(qt, q2, d2, s2)
+    wd = qt.dequantize().astype(np.float64)
+    y_float = x.astype(np.float64) @ wd.T
+    # What is left after two steps is at most d2/2 per input, d2 <= d1/254.
+    d2k = np.repeat(d2.astype(np.float64), 32, axis=1)[:, :k]
+    bound = 0.5 * d2k @ np.abs(wd).T * 1.001 + 1e-5 * (np.abs(x) @ np.abs(wd).T)
+    one_step_err = np.abs(run_qlinear(x, qt).astype(np.float64) - y_float)
+    for isa, nt in each_path():
+        y = _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=2)
+        assert_scaled(y, y1 + y2, mag1 + mag2, 1e-5, f"int{bits} {m}x{n}x{k} {isa} t{nt} vs exact")
+        err = np.abs(y.astype(np.float64) - y_float)
+        assert (err <= bound + 1e-30).all(), f"{isa} t{nt}: worst err/bound {(err / bound).max():.3g}"
+        # Far closer to the float product than one step (the reason it exists).
+        assert err.max() < one_step_err.max() / 20, (isa, err.max(), one_step_err.max())
+    with pytest.raises(ValueError, match="act_steps must be 1 or 2, got 3"):
+        _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=3)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_qlinear_special_values(restore_isa, bits, group_size):
@@ -365,3 +399,18 @@ def test_prefill_tile_path_matches_plain(bits, group_size, m):
             assert np.abs(got - ref).max() <= 1e-5 * scale, isa
     finally:
         _C.set_isa(prev)
+
+
+def test_cpu_backend_runs_int8_in_two_steps():
+    """The backend's policy: int8 weights take act_steps=2, int4/int3 one step."""
+    from runtime.backend_cpu import CpuBackend
+    rng = rng_for("backend-steps")
+    x = make_x(rng, 2, 300)
+    backend = CpuBackend()
+    for bits, steps in ((8, 2), (4, 1), (3, 1)):
+        qt = quantize_rtn(make_weights(rng, 11, 300), bits, 32)
+        want = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=steps)
+        other = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=3 - steps)
+        got = backend.linear(x, qt)
+        np.testing.assert_array_equal(got, want, err_msg=f"int{bits}")
+        assert not np.array_equal(got, other), f"int{bits}: both step counts agree"
