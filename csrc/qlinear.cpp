@@ -254,9 +254,15 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_st
     thread_local std::vector<float> resid, both;
     resid.resize(static_cast<size_t>(m * w.k));
     both.resize(static_cast<size_t>(2 * m * w.n));
-    for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < w.k; ++j)
-            resid[i * w.k + j] = x[i * w.k + j] - dbuf[i * nb + j / QBLOCK] * qbuf[i * w.kp + j];
+    // Pointers, not the thread_local vectors: each worker thread has its own.
+    float* r = resid.data();
+    const int8_t* q = qbuf.data();
+    const float* d = dbuf.data();
+    const int64_t k = w.k, kp = w.kp;
+    parallel_ranges(m, threads_for_bytes(m * k * 4), [=](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+            for (int64_t j = 0; j < k; ++j) r[i * k + j] = x[i * k + j] - d[i * nb + j / QBLOCK] * q[i * kp + j];
+    });
     quantize_acts_with(quant, resid.data(), m, w.k, w.kp, qbuf.data() + m * w.kp, dbuf.data() + m * nb,
                        sbuf.data() + m * nb);
     qgemm_rows(path, w, QActs{rows, w.kp, qbuf.data(), dbuf.data(), sbuf.data()}, both.data());
