@@ -227,7 +227,7 @@ def test_use_more_bits_matches_llama_cpp():
 
 
 def test_int3_default_mix(tiny):
-    """int3 keeps k/up/down at int4 and gate at int4 in use_more_bits layers; `mix` overrides."""
+    """int3 keeps k/o/up/down at int4 and gate at int4 in use_more_bits layers; `mix` overrides."""
     from runtime.loader import load_weights
 
     path, cfg = tiny
@@ -240,7 +240,7 @@ def test_int3_default_mix(tiny):
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
         assert bits == {"self_attn.q_proj": 3, "self_attn.k_proj": 4, "self_attn.v_proj": 3,
-                        "self_attn.o_proj": 3, "mlp.gate_proj": 4 if use_more_bits(i, n) else 3,
+                        "self_attn.o_proj": 4, "mlp.gate_proj": 4 if use_more_bits(i, n) else 3,
                         "mlp.up_proj": 4, "mlp.down_proj": 4}, i
         assert q[p + "mlp.down_proj.weight"].group_size == 32
     plain = quantize_weights(weights, cfg, 3, 32, "rtn", progress=False, mix={})

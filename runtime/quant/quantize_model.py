@@ -51,7 +51,7 @@ DEFAULT_GROUP_SIZE = 32
 GPTQ_DAMP = 0.1
 # Bumped whenever the defaults below change what a quantized checkpoint holds;
 # stored in quantization_config so cached copies made by an older recipe are redone.
-RECIPE = 4
+RECIPE = 5
 DEFAULT_METHOD = {8: "search", 4: "search", 3: "gptq"}
 # The embedding / lm_head format per bit width (see quantize_weights).
 DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
@@ -60,13 +60,16 @@ DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
 # text, float 20.17; everything else int4): int3 on q_proj alone +0.6%, v_proj
 # -0.1%, o_proj +1.4%, gate_proj +3.7%, k_proj +2.4% (a tenth of q's size),
 # down_proj +6.5%, up_proj +7.6%. So k, up and down stay int4, and gate too in
-# llama.cpp's "use_more_bits" layers (first and last eighth, every third between):
-#                                    ppl     +%     bits/weight (whole model)
-#   int3 everywhere but down_proj   23.84  +18.2       5.15
-#   + k, up at int4                 21.52   +6.7       5.37
-#   + gate at int4 in 14/30 layers  21.03   +4.2       5.47   <- default
-#   llama.cpp Q3_K_M                        +16.2      5.46
-# Calibration variants of the default recipe (4096 tokens; sequential GPTQ on
+# llama.cpp's "use_more_bits" layers (first and last eighth, every third between);
+# o_proj too (Q3_K_M keeps attn_output at Q4_K), which the whole text needs:
+#                                    first 4096 tokens   all 7638     bits/weight
+#   int3 everywhere but down_proj   23.84  +18.2%                        5.15
+#   + k, up at int4                 21.52   +6.7%                        5.37
+#   + gate at int4 in 14/30 layers  21.03   +4.2%     18.93  +7.3%       5.47
+#     + o at int4 in those layers   21.04   +4.3%     18.88  +7.0%
+#     + o at int4 everywhere        20.80   +3.1%     18.60  +5.4%       5.54 <- default
+#   llama.cpp Q3_K_M                        +16.2%           +16.6%      5.46
+# Calibration variants of the recipe before o_proj (4096 tokens; sequential GPTQ on
 # already-quantized inputs) land at +5.3% and +6.4%: the GPTQ path's noise.
 
 
@@ -80,8 +83,8 @@ def default_mix(bits: int, num_layers: int) -> dict[str, tuple[int, int]]:
     """Name suffix -> (bits, group size) for the matrices that leave the default format."""
     if bits != 3:
         return {}
-    mix = {s: (4, 32) for s in ("self_attn.k_proj.weight", "mlp.up_proj.weight",
-                                "mlp.down_proj.weight")}
+    mix = {s: (4, 32) for s in ("self_attn.k_proj.weight", "self_attn.o_proj.weight",
+                                "mlp.up_proj.weight", "mlp.down_proj.weight")}
     mix.update({f"model.layers.{i}.mlp.gate_proj.weight": (4, 32)
                 for i in range(num_layers) if use_more_bits(i, num_layers)})
     return mix
