@@ -7,6 +7,7 @@ embedding. Model code never branches on the backend.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,14 +35,21 @@ class CpuBackend:
     def isa(self) -> str:
         return self._C.isa()
 
-    def weight(self, w: Weight) -> Weight:
+    def weight(self, w: Weight, output: bool = False) -> Weight:
         """Put a weight matrix [out, in] into the layout `linear` reads.
 
         Float weights stay f32/f16 rows; quantized ones keep the portable layout,
         which is already what the C++ kernels read (codes in 32-input blocks).
+        int8 layer weights take two-step activations (act_steps=2: the int8 codes
+        plus their quantized residual): one int8 step alone costs SmolLM2 +0.5%
+        perplexity, the whole error budget of the format, and the second step
+        brings it to +0.15%; the weights are still read once, so decode barely
+        pays. The output layer (`output`) keeps one step: int4/int3 models carry
+        an int8 lm_head, where a second step would cost their decode ~6%.
         """
         if isinstance(w, QuantizedTensor):
-            return w
+            steps = 2 if w.bits == 8 and not output else 1
+            return w if w.act_steps == steps else replace(w, act_steps=steps)
         if w.dtype not in (np.float32, np.float16):
             w = w.astype(np.float32)
         return np.ascontiguousarray(w)
@@ -53,11 +61,8 @@ class CpuBackend:
     def linear(self, x: np.ndarray, w: Weight, bias: np.ndarray | None = None) -> np.ndarray:
         if isinstance(w, QuantizedTensor):
             # Activations are quantized to int8 blocks inside; the inner loop is an integer dot.
-            # int8 weights also take the residual's product (act_steps=2): one int8 step
-            # alone costs SmolLM2 +0.5% perplexity, mostly at down_proj's outliers, which
-            # is the whole error budget of the format.
             y = self._C.qlinear(x, w.bits, w.group_size, w.q, w.qh, w.scales, w.mins,
-                                act_steps=2 if w.bits == 8 else 1)
+                                act_steps=w.act_steps)
         else:
             y = self._C.linear(x, w)
         if bias is not None:

@@ -89,7 +89,7 @@ class LlamaModel:
         lm_head = weights.get("lm_head.weight")
         if lm_head is None or config.tie_word_embeddings:
             lm_head = self.embed
-        self.lm_head = be.weight(lm_head)
+        self.lm_head = be.weight(lm_head, output=True)
         self.final_norm = be.vector(weights["model.norm.weight"])
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):

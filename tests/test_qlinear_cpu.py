@@ -402,15 +402,16 @@ def test_prefill_tile_path_matches_plain(bits, group_size, m):
 
 
 def test_cpu_backend_runs_int8_in_two_steps():
-    """The backend's policy: int8 weights take act_steps=2, int4/int3 one step."""
+    """The backend's policy: int8 layer weights take act_steps=2; int4/int3 and the
+    output layer (even int8) one step."""
     from runtime.backend_cpu import CpuBackend
     rng = rng_for("backend-steps")
     x = make_x(rng, 2, 300)
     backend = CpuBackend()
-    for bits, steps in ((8, 2), (4, 1), (3, 1)):
+    for bits, output, steps in ((8, False, 2), (8, True, 1), (4, False, 1), (3, False, 1)):
         qt = quantize_rtn(make_weights(rng, 11, 300), bits, 32)
         want = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=steps)
         other = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=3 - steps)
-        got = backend.linear(x, qt)
-        np.testing.assert_array_equal(got, want, err_msg=f"int{bits}")
+        got = backend.linear(x, backend.weight(qt, output=output))
+        np.testing.assert_array_equal(got, want, err_msg=f"int{bits} output={output}")
         assert not np.array_equal(got, other), f"int{bits}: both step counts agree"

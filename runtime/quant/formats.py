@@ -39,7 +39,7 @@ dequantize here are what the C++ kernels are tested against.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -113,6 +113,10 @@ class QuantizedTensor:
     scales: np.ndarray              # float16 [N, Kp/G]
     mins: np.ndarray | None = None  # float16 [N, Kp/G] (int4, int3)
     qh: np.ndarray | None = None    # uint8 [N, Kp/8] (int3 high plane)
+    # How the CPU kernels quantize activations for this matrix: 1 = int8 blocks,
+    # 2 = int8 blocks plus their quantized residual (~14 bits). A runtime choice
+    # (CpuBackend.weight sets it), not part of the stored format.
+    act_steps: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         check_format(self.bits, self.group_size)
