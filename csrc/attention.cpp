@@ -9,9 +9,11 @@
 // so within one block the slots of a kv head are contiguous rows of Dh floats.
 // Query head h reads kv head h / (Hq / Hkv) (grouped-query attention).
 //
-// Each (token, head) pair is one work item. Softmax is two-pass: all scores
-// of the row are kept in a per-thread buffer, then max-subtracted and
-// exponentiated (exact and stable; the buffer is only seq_len floats).
+// A work item is a token and the query heads of one kv head (or a single
+// head, when there are too few items for the threads). Softmax is two-pass:
+// all scores of the row are kept in a per-thread buffer, then max-subtracted
+// and exponentiated (exact and stable; the buffer is only seq_len floats per
+// head). Each head's arithmetic is the same whichever way items are cut.
 // The per-ISA kernels work on a whole block of slots, so the indirect call
 // is amortized over block_size keys.
 
@@ -203,42 +205,50 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
     const int64_t group = Hq / Hkv;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; ++t) max_len = std::max<int64_t>(max_len, int64_t(q_positions[t]) + 1);
-    const int64_t items = T * Hq;
-    int nt = threads_for_bytes(items * max_len * Dh * 8);
+    int nt = threads_for_bytes(T * Hq * max_len * Dh * 8);
+    // A work item is a token and hg query heads of one kv head: each block of
+    // K and V is then read once for its hg heads (while it is in L1) instead
+    // of once per head. With too few items to keep the threads busy (decode
+    // of one or two sequences) every head is its own item.
+    const int64_t hg = T * Hkv >= 4 * int64_t(nt) ? group : 1;
+    const int64_t per_tok = Hq / hg, items = T * per_tok;
     if (nt > items) nt = static_cast<int>(items);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        std::vector<float> s(static_cast<size_t>(max_len));
-        std::vector<float> acc(static_cast<size_t>(Dh));
+        std::vector<float> s(static_cast<size_t>(hg * max_len));
+        std::vector<float> acc(static_cast<size_t>(hg * Dh));
+        std::vector<double> sum(static_cast<size_t>(hg));
         // Rows have different lengths (causal), so hand out items dynamically.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
-            const int64_t t = it / Hq, h = it % Hq, g = h / group;
+            const int64_t t = it / per_tok, h0 = it % per_tok * hg, g = h0 / group;
             const int64_t len = int64_t(q_positions[t]) + 1;
             const int32_t* block_table = block_tables + (seq_ids ? seq_ids[t] : 0) * table_stride;
-            const float* qv = q + (t * Hq + h) * Dh;
-            float* o = out + (t * Hq + h) * Dh;
+            const float* qv = q + (t * Hq + h0) * Dh;
+            float* o = out + (t * Hq + h0) * Dh;
 
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
-                const int64_t blk = block_table[p0 / block_size];
+                const float* kb = k_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
-                kern.scores(qv, k_cache + (blk * Hkv + g) * block_size * Dh, n, Dh, scale,
-                            s.data() + p0);
+                for (int64_t j = 0; j < hg; ++j) kern.scores(qv + j * Dh, kb, n, Dh, scale, s.data() + j * len + p0);
             }
-            float mx = s[0];
-            for (int64_t p = 1; p < len; ++p) mx = std::max(mx, s[p]);
-            const double sum = kern.exp_sum(s.data(), len, mx);
-
+            for (int64_t j = 0; j < hg; ++j) {
+                float* sj = s.data() + j * len;
+                float mx = sj[0];
+                for (int64_t p = 1; p < len; ++p) mx = std::max(mx, sj[p]);
+                sum[j] = kern.exp_sum(sj, len, mx);
+            }
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
-                const int64_t blk = block_table[p0 / block_size];
+                const float* vb = v_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
-                kern.accum(s.data() + p0, v_cache + (blk * Hkv + g) * block_size * Dh, n, Dh,
-                           acc.data());
+                for (int64_t j = 0; j < hg; ++j) kern.accum(s.data() + j * len + p0, vb, n, Dh, acc.data() + j * Dh);
             }
-            const float inv = static_cast<float>(1.0 / sum);
-            for (int64_t d = 0; d < Dh; ++d) o[d] = acc[d] * inv;
+            for (int64_t j = 0; j < hg; ++j) {
+                const float inv = static_cast<float>(1.0 / sum[j]);
+                for (int64_t d = 0; d < Dh; ++d) o[j * Dh + d] = acc[j * Dh + d] * inv;
+            }
         }
     }
 }

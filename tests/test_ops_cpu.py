@@ -225,6 +225,7 @@ BATCH_CASES = [  # (Hq, Hkv, Dh, block_size, [(prefix_len, new_tokens) per seque
     (4, 2, 64, 16, [(36, 1), (0, 1), (15, 1), (16, 1)]),          # batched decode, edge lengths
     (9, 3, 40, 16, [(21, 7), (3, 1), (0, 19)]),                   # prefill chunks mixed with decode
     (2, 1, 7, 5, [(11, 4), (44, 1), (0, 1), (9, 2), (4, 6)]),     # odd block size and head dim
+    (8, 2, 64, 16, [(30 + 7 * i, 1) for i in range(9)]),          # 9 decode streams, 4 heads per kv head
 ]
 
 
