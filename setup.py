@@ -37,8 +37,10 @@ setup(
     install_requires=["numpy", "sentencepiece", "tokenizers", "jinja2", "gguf", "tqdm"],
     extras_require={
         # torch only for the transformers parity tests; pinned to the CPU build (2.13.0).
-        "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0",
+        "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0", "triton==3.7.1",
                  "fastapi", "uvicorn", "openai", "httpx"],
+        # backend="triton" (kernels/): torch 2.13's GPU build pins triton 3.7.1.
+        "triton": ["torch==2.13.0", "triton==3.7.1"],
         # `lingli serve` (runtime.server); the rest of the runtime does not need them.
         "serve": ["fastapi", "uvicorn"],
         # bench/ only: plots (bench_streams.py); llama-cpp-python is built by hand (anchors.md §7).

@@ -25,8 +25,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
 fi
 
 if [ "${1:-}" = "--test" ]; then
-    if ! "$VENV/bin/python" -c "import torch, transformers, pytest, pytest_benchmark, runtime._C" 2>/dev/null; then
-        echo "[setup] installing test dependencies (torch CPU, transformers, pytest)" >&2
+    if ! "$VENV/bin/python" -c "import torch, triton, transformers, pytest, pytest_benchmark, runtime._C" 2>/dev/null; then
+        echo "[setup] installing test dependencies (torch CPU, triton, transformers, pytest)" >&2
         "${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test]"
     fi
     # Cross toolchain for the aarch64 build check (NEON sources); optional.

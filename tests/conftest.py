@@ -19,3 +19,8 @@ def smollm2_dir():
     from runtime.hub import resolve_model
 
     return resolve_model("smollm2")
+
+
+# Triton kernels run in its CPU interpreter unless a GPU run asks otherwise
+# (TRITON_INTERPRET=0); it must be set before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
