@@ -1,8 +1,11 @@
 """CPU backend: the handful of operations the model calls, run by `runtime._C`.
 
 Every backend implements exactly this set (DESIGN.md, "one path for every
-backend"): prepare a weight, linear, rms_norm, rope_, silu_mul, attention and
-embedding. Model code never branches on the backend.
+backend"): prepare weights (weight, vector), linear, rms_norm, rope_,
+silu_mul, attention, kv_write and embedding; plus the few array chores that
+differ between numpy and torch (forward_inputs, contiguous, cat, to_host)
+and the KV storage (kv_pool, kv_itemsize). Model code never branches on the
+backend.
 """
 from __future__ import annotations
 
@@ -77,12 +80,39 @@ class CpuBackend:
         self._C.rope_(x, positions, cos, sin, interleaved)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return self._C.silu_mul(gate, up)
+        return self._C.silu_mul(np.ascontiguousarray(gate), np.ascontiguousarray(up))
 
     def attention(self, q: np.ndarray, cache: PagedKVCache, layer: int, batch: BatchKV,
                   positions: np.ndarray, scale: float) -> np.ndarray:
         return self._C.paged_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
                                        positions, scale, batch.seq_ids)
+
+    def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: np.ndarray,
+                 k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
+        self._C.paged_write(cache.k[layer], cache.v[layer], batch.block_tables, batch.seq_ids,
+                            positions, np.ascontiguousarray(k, dtype=np.float32),
+                            np.ascontiguousarray(v, dtype=np.float32))
+
+    # KV storage: float32 numpy, pages mapped lazily (a large pool costs nothing until used).
+    kv_itemsize = 4
+
+    def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    # Array chores the model needs, numpy here.
+    def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple[np.ndarray, BatchKV]:
+        return np.ascontiguousarray(positions, dtype=np.int32), batch
+
+    def contiguous(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x)
+
+    def cat(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Join along the last axis (outputs of a RowStack's products)."""
+        return np.concatenate(parts, axis=1)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
 
     def embedding(self, table: Weight, ids: np.ndarray) -> np.ndarray:
         if isinstance(table, QuantizedTensor):

@@ -2,7 +2,9 @@
 
 Layout per layer (what the attention kernels read):
 
-    k[layer], v[layer]: float32 [num_blocks, n_kv_heads, block_size, head_dim]
+    k[layer], v[layer]: [num_blocks, n_kv_heads, block_size, head_dim]
+    (float32 numpy arrays on the CPU backend; the backend allocates them and
+    writes into them, see `kv_pool` and `kv_write` in runtime/backend_*.py)
 
 A token at position p of a sequence lives in block `table[p // block_size]`,
 slot `p % block_size`. Keeping a head's slots contiguous lets the attention
@@ -21,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _C
 from .errors import LingliError
 
 
@@ -164,7 +165,9 @@ class PagedKVCache:
     """The pool of K/V blocks for every layer, plus the allocator that hands them out."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int,
-                 num_kv_heads: int, head_dim: int) -> None:
+                 num_kv_heads: int, head_dim: int, pool=None) -> None:
+        """pool(shape) allocates one layer's K or V storage (a backend's
+        `kv_pool`); by default a float32 numpy array."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, "
                              f"got {num_blocks} and {block_size}")
@@ -173,14 +176,15 @@ class PagedKVCache:
         self.block_size = block_size
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
         # np.zeros maps untouched pages lazily, so a large pool costs nothing until used.
-        self.k = [np.zeros(shape, dtype=np.float32) for _ in range(num_layers)]
-        self.v = [np.zeros(shape, dtype=np.float32) for _ in range(num_layers)]
+        pool = pool or (lambda shp: np.zeros(shp, dtype=np.float32))
+        self.k = [pool(shape) for _ in range(num_layers)]
+        self.v = [pool(shape) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
-                        head_dim: int) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * 4
+                        head_dim: int, itemsize: int = 4) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
     @property
     def capacity_tokens(self) -> int:
@@ -213,10 +217,3 @@ class PagedKVCache:
             self.allocator.free(block)
         seq.block_table.clear()
         seq.num_tokens = 0
-
-    def write(self, layer: int, batch: BatchKV, positions: np.ndarray,
-              k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
-        _C.paged_write(self.k[layer], self.v[layer], batch.block_tables, batch.seq_ids,
-                       positions, np.ascontiguousarray(k, dtype=np.float32),
-                       np.ascontiguousarray(v, dtype=np.float32))

@@ -48,9 +48,11 @@ class LLM:
     quant: None keeps the checkpoint's format (a Lingli quantized checkpoint
         stays quantized; bf16 is widened to fp32), "fp32", "fp16", or
         "int8"/"int4"/"int3": quantize a float checkpoint at load.
-    group_size, quant_method: for quantizing at load (defaults: 64 and the
+    group_size, quant_method: for quantizing at load (defaults: 32 and the
         method runtime.quant.quantize_model picks per bit width).
-    backend: "cpu" ("triton" arrives with the GPU backend).
+    backend: "cpu" (runtime._C, no PyTorch) or "triton" (kernels/ on a CUDA GPU
+        with torch tensors; without CUDA only in Triton's interpreter, which
+        TRITON_INTERPRET=1 set before triton is imported asks for).
     max_model_len: context window; defaults to the model's max_position_embeddings.
     kv_cache_gb: KV pool budget (default DEFAULT_KV_CACHE_GB; at least one full
         context). Pages are mapped lazily, so an unused budget costs nothing.
@@ -81,7 +83,8 @@ class LLM:
             from .backend_cpu import CpuBackend
             self.backend = CpuBackend(num_threads)
         elif backend == "triton":
-            raise LingliError("backend='triton' is not available yet in this build; use 'cpu'")
+            from .backend_triton import TritonBackend   # imports torch and triton
+            self.backend = TritonBackend()
         else:
             raise LingliError(f"unknown backend {backend!r}; choose 'cpu' or 'triton'")
 
@@ -96,7 +99,8 @@ class LLM:
         if kv_cache_gb is not None and not kv_cache_gb > 0:
             raise LingliError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         per_block = PagedKVCache.bytes_per_block(self.config.num_layers, block_size,
-                                                 self.config.num_kv_heads, self.config.head_dim)
+                                                 self.config.num_kv_heads, self.config.head_dim,
+                                                 self.backend.kv_itemsize)
         budget = int((kv_cache_gb or DEFAULT_KV_CACHE_GB) * 2**30) // per_block
         context = -(-self.max_model_len // block_size)
         if kv_cache_gb is not None and budget < context:
@@ -104,7 +108,8 @@ class LLM:
                 f"kv_cache_gb={kv_cache_gb} holds {budget * block_size} tokens, less than one "
                 f"context of {self.max_model_len}; raise it or lower max_model_len")
         self.cache = PagedKVCache(self.config.num_layers, max(budget, context), block_size,
-                                  self.config.num_kv_heads, self.config.head_dim)
+                                  self.config.num_kv_heads, self.config.head_dim,
+                                  pool=self.backend.kv_pool)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
         self._engine_args = dict(max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,

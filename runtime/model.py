@@ -49,7 +49,7 @@ def _cat_rows(parts: list, be) -> np.ndarray | QuantizedTensor | RowStack:
 
 def _linear(be, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndarray:
     if isinstance(w, RowStack):
-        y = np.concatenate([be.linear(x, p) for p in w.parts], axis=1)
+        y = be.cat([be.linear(x, p) for p in w.parts])
         if bias is not None:
             y += bias
         return y
@@ -116,7 +116,7 @@ class LlamaModel:
                 w_down=be.weight(w("mlp.down_proj.weight")),
                 b_down=be.vector(w("mlp.down_proj.bias")) if config.mlp_bias else None,
             ))
-        self.cos, self.sin = rope_tables(config, max_positions)
+        self.cos, self.sin = (be.vector(t) for t in rope_tables(config, max_positions))
         self.scale = config.head_dim ** -0.5
 
     def weight_bytes_per_token(self) -> int:
@@ -140,28 +140,26 @@ class LlamaModel:
         T = len(tokens)
         batch = kv if isinstance(kv, BatchKV) else BatchKV.of([kv], [T])
         hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        positions, batch = be.forward_inputs(positions, batch)  # on the backend's device
         x = be.embedding(self.embed, tokens)                                  # [T, H]
         for i, lw in enumerate(self.layers):
             h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
             qkv = _linear(be, h, lw.wqkv, lw.bqkv)                            # [T, (hq+2hkv)dh]
-            q = np.ascontiguousarray(qkv[:, :hq * dh]).reshape(T, hq, dh)
-            k = np.ascontiguousarray(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
+            q = be.contiguous(qkv[:, :hq * dh]).reshape(T, hq, dh)
+            k = be.contiguous(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
             v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
             be.rope_(q, positions, self.cos, self.sin, cfg.rope_interleaved)
             be.rope_(k, positions, self.cos, self.sin, cfg.rope_interleaved)
-            cache.write(i, batch, positions, k, v)
+            be.kv_write(cache, i, batch, positions, k, v)
             attn = be.attention(q, cache, i, batch, positions, self.scale)     # [T, hq, dh]
             x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
             h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            gate_up = _linear(be, h, lw.w_gate_up, lw.b_gate_up)                            # [T, 2F]
+            gate_up = _linear(be, h, lw.w_gate_up, lw.b_gate_up)              # [T, 2F]
             f = gate_up.shape[1] // 2
-            act = be.silu_mul(np.ascontiguousarray(gate_up[:, :f]),
-                              np.ascontiguousarray(gate_up[:, f:]))
-            x += be.linear(act, lw.w_down, lw.b_down)
+            x += be.linear(be.silu_mul(gate_up[:, :f], gate_up[:, f:]), lw.w_down, lw.b_down)
         if logit_rows is not None:
             x = x[logit_rows]
         elif not all_logits:
             x = x[-1:]
-        x = be.rms_norm(np.ascontiguousarray(x), self.final_norm, cfg.rms_norm_eps)
-        return be.linear(x, self.lm_head)
+        x = be.rms_norm(be.contiguous(x), self.final_norm, cfg.rms_norm_eps)
+        return be.to_host(be.linear(x, self.lm_head))                        # numpy float32

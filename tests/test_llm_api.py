@@ -139,13 +139,24 @@ def test_fp16_weights(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(quant="int4", group_size=48), "group size"),
     (dict(quant="int5"), "unknown quant"),
-    (dict(backend="triton"), "not available yet"),
     (dict(backend="tpu"), "unknown backend"),
 ])
 def test_bad_options(tmp_path, kwargs, match):
     d = make_tiny_llama(tmp_path / "x", None, tmp_path)
     with pytest.raises(LingliError, match=match):
         LLM(str(d), **kwargs)
+
+
+def test_triton_backend_without_cuda(tmp_path, monkeypatch):
+    """No GPU and the interpreter not asked for: a clear error, not a kernel crash."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    d = make_tiny_llama(tmp_path / "x", None, tmp_path)
+    with pytest.raises(LingliError, match="backend='triton': the Triton kernels need a CUDA GPU"):
+        LLM(str(d), backend="triton")
 
 
 def test_bad_prompts(llm):

@@ -1,0 +1,127 @@
+"""Triton backend: the CPU backend's operations on torch tensors, run by kernels/.
+
+The same set as runtime/backend_cpu.py (DESIGN.md, "one path for every
+backend"), so runtime/model.py runs unchanged: weights are repacked once into
+the layout the GEMM kernels read (kernels.quant_gemm.repack), activations and
+the KV pool live on the device in `dtype` (float16 on a GPU; float32 in the
+interpreter, where the products then match the CPU backend closely), and
+only the logits come back to the host as numpy for the sampler.
+
+torch and triton are imported here and in kernels/ only; LLM(backend="cpu")
+never imports this module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import LingliError
+from .kv_cache import BatchKV, PagedKVCache
+from .quant.formats import QuantizedTensor
+
+try:
+    import torch
+    import triton  # noqa: F401  (fail here, with the fix, rather than in a kernel)
+except ImportError as e:  # pragma: no cover - the test environment has both
+    raise LingliError(f"backend='triton' needs torch and triton ({e}); install them with "
+                      "pip install -c constraints.txt -e '.[triton]'") from e
+
+
+class TritonBackend:
+    name = "triton"
+    num_threads = 1      # host threads are not what limits a GPU; kept for the CLI's banner
+
+    def __init__(self, dtype: "torch.dtype | None" = None) -> None:
+        from kernels import _util
+
+        try:
+            self.device = _util.device()
+        except RuntimeError as e:
+            raise LingliError(f"backend='triton': {e}") from None
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise LingliError(f"backend='triton': dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.dtype = dtype
+        from kernels import activation, attention, norm, quant_gemm, rope
+
+        self._gemm, self._attn, self._norm, self._rope, self._act = \
+            quant_gemm, attention, norm, rope, activation
+
+    @property
+    def isa(self) -> str:
+        return f"triton ({self.device.type}{', interpreter' if self.device.type == 'cpu' else ''})"
+
+    # ------------------------------------------------------------- weights
+    def weight(self, w, output: bool = False):
+        """Quantized: repacked for the GEMM kernels; float: [out, in] in self.dtype."""
+        if isinstance(w, QuantizedTensor):
+            return self._gemm.repack(w, self.device)
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device, self.dtype)
+
+    def vector(self, w: np.ndarray) -> "torch.Tensor":
+        """Norm weights, biases and RoPE tables: float32 on the device."""
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device)
+
+    # ---------------------------------------------------------------- ops
+    def linear(self, x: "torch.Tensor", w, bias: "torch.Tensor | None" = None) -> "torch.Tensor":
+        if isinstance(w, torch.Tensor):
+            y = x @ w.T
+        else:
+            y = self._gemm.quant_matmul(x, w)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y
+
+    def rms_norm(self, x: "torch.Tensor", weight: "torch.Tensor", eps: float) -> "torch.Tensor":
+        return self._norm.rms_norm(x, weight, eps)
+
+    def rope_(self, x: "torch.Tensor", positions: "torch.Tensor", cos: "torch.Tensor",
+              sin: "torch.Tensor", interleaved: bool) -> None:
+        self._rope.rope_(x, positions, cos, sin, interleaved)
+
+    def silu_mul(self, gate: "torch.Tensor", up: "torch.Tensor") -> "torch.Tensor":
+        return self._act.silu_mul(gate, up)
+
+    def attention(self, q: "torch.Tensor", cache: PagedKVCache, layer: int, batch: BatchKV,
+                  positions: "torch.Tensor", scale: float) -> "torch.Tensor":
+        return self._attn.paged_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
+                                          positions, scale, batch.seq_ids)
+
+    def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: "torch.Tensor",
+                 k: "torch.Tensor", v: "torch.Tensor") -> None:
+        self._attn.kv_write(cache.k[layer], cache.v[layer], batch.block_tables, positions,
+                            k.contiguous(), v.contiguous(), batch.seq_ids)
+
+    def embedding(self, table, ids: np.ndarray) -> "torch.Tensor":
+        # The table stays on the host (one row per token is all a step needs).
+        if isinstance(table, QuantizedTensor):
+            rows = table.take_rows(ids)
+        else:
+            rows = np.asarray(table[np.asarray(ids)], dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device, self.dtype)
+
+    # ---------------------------------------------------------- KV storage
+    @property
+    def kv_itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def kv_pool(self, shape: tuple[int, ...]) -> "torch.Tensor":
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------- array chores
+    def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple["torch.Tensor", BatchKV]:
+        """Positions and block tables go to the device once per forward pass."""
+        dev = self.device
+        pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int32)).to(dev)
+        tables = torch.from_numpy(np.ascontiguousarray(batch.block_tables, dtype=np.int32)).to(dev)
+        seq_ids = torch.from_numpy(np.ascontiguousarray(batch.seq_ids, dtype=np.int32)).to(dev)
+        return pos, BatchKV(tables, seq_ids)
+
+    def contiguous(self, x: "torch.Tensor") -> "torch.Tensor":
+        return x.contiguous()
+
+    def cat(self, parts: list) -> "torch.Tensor":
+        return torch.cat(parts, dim=1)
+
+    def to_host(self, x: "torch.Tensor") -> np.ndarray:
+        return x.float().cpu().numpy()
