@@ -26,6 +26,12 @@ except ImportError as e:  # pragma: no cover - the test environment has both
                       "pip install -c constraints.txt -e '.[triton]'") from e
 
 
+def _tensor(a: np.ndarray) -> "torch.Tensor":
+    """float32 host tensor of a (possibly read-only, mmapped) numpy array."""
+    a = np.asarray(a, dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else a.copy())
+
+
 class TritonBackend:
     name = "triton"
     num_threads = 1      # host threads are not what limits a GPU; kept for the CLI's banner
@@ -56,11 +62,11 @@ class TritonBackend:
         """Quantized: repacked for the GEMM kernels; float: [out, in] in self.dtype."""
         if isinstance(w, QuantizedTensor):
             return self._gemm.repack(w, self.device)
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device, self.dtype)
+        return _tensor(w).to(self.device, self.dtype)
 
     def vector(self, w: np.ndarray) -> "torch.Tensor":
         """Norm weights, biases and RoPE tables: float32 on the device."""
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device)
+        return _tensor(w).to(self.device)
 
     # ---------------------------------------------------------------- ops
     def linear(self, x: "torch.Tensor", w, bias: "torch.Tensor | None" = None) -> "torch.Tensor":
