@@ -21,6 +21,8 @@ into the scale); the output has q's dtype.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -279,7 +281,7 @@ def _check_positions(op: str, tables, positions, seq_ids, block_size: int, num_b
     return positions, seq_ids
 
 
-def _check_attention(q, k_cache, v_cache, block_tables, positions, seq_ids):
+def _check_attention(q, k_cache, v_cache, block_tables, positions, seq_ids, trusted: bool = False):
     op = "paged_attention"
     _check_cache(op, k_cache, v_cache)
     _need(isinstance(q, torch.Tensor) and q.dim() == 3,
@@ -293,6 +295,8 @@ def _check_attention(q, k_cache, v_cache, block_tables, positions, seq_ids):
     _need(Hkv > 0 and Hq % Hkv == 0,
           f"{op}: query heads Hq = {Hq} must be a multiple of kv heads Hkv = {Hkv}")
     tables, positions, seq_ids = _index_args(op, T, block_tables, positions, seq_ids, q.device)
+    if trusted:     # the caller's plan vouches for the positions and tables (no sync)
+        return tables, positions, seq_ids, None, None
     return (tables, positions, seq_ids, *_check_positions(op, tables, positions, seq_ids, BS, NB))
 
 
@@ -318,6 +322,32 @@ def _plan(seq: torch.Tensor, pos: torch.Tensor, min_run: int):
             (~tok_long).nonzero().flatten().to(torch.int32))
 
 
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How paged_attention cuts one batch (see _plan), made once per forward pass
+    from host copies of positions and seq_ids, so the layers' calls neither check
+    nor plan again and never wait for the device."""
+    run_start: torch.Tensor     # int32 [R] on the device: first token of each prefill run
+    run_len: torch.Tensor       # int32 [R]
+    dec_tok: torch.Tensor       # int32 [D]: the decode tokens
+    max_run: int
+    max_len: int                # longest decode context
+
+
+def make_plan(positions: torch.Tensor, seq_ids: torch.Tensor, group: int, device: torch.device,
+              prefill_min_run: int | None = None) -> AttentionPlan:
+    """A plan for tokens at host `positions` of sequences `seq_ids` (CPU int32 [T]),
+    for Hq // Hkv = group. The caller vouches that every position has its block
+    in the table (the engine reserves blocks before it schedules a token)."""
+    min_run = max(2, group) if prefill_min_run is None else prefill_min_run
+    _need(min_run >= 1, f"make_plan: prefill_min_run must be >= 1, got {min_run}")
+    pos, seq = positions.to(torch.int32).cpu(), seq_ids.to(torch.int32).cpu()
+    run_start, run_len, dec_tok = _plan(seq, pos, min_run)
+    max_run = int(run_len.max()) if run_len.numel() else 0
+    max_len = int(pos[dec_tok.long()].max()) + 1 if dec_tok.numel() else 0
+    return AttentionPlan(*(x.to(device) for x in (run_start, run_len, dec_tok)), max_run, max_len)
+
+
 def _default_splits(n_items: int, max_len: int, dev: torch.device) -> int:
     """Key splits per decode token: only when tokens x kv heads leave SMs idle
     and the contexts are long enough to be worth a merge pass."""
@@ -332,29 +362,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, positions: torch.Tensor, scale: float,
                     seq_ids: torch.Tensor | None = None, *,
                     prefill_min_run: int | None = None,
-                    decode_splits: int | None = None) -> torch.Tensor:
+                    decode_splits: int | None = None,
+                    plan: AttentionPlan | None = None) -> torch.Tensor:
     """Causal paged attention; out [T, Hq, Dh] in q's dtype.
 
     prefill_min_run: runs of at least this many tokens use the prefill kernel
     (default max(2, Hq // Hkv): shorter runs read K/V less often per token as
     decode tiles). decode_splits: key splits per decode token, a power of two
     (default: chosen from the GPU's SM count; 1 under the interpreter).
+    plan: from make_plan (once per forward pass); skips the position checks and
+    the planning, and with them the host-device sync of every call.
     """
     tables, positions, seq_ids, h_pos, h_seq = _check_attention(
-        q, k_cache, v_cache, block_tables, positions, seq_ids)
+        q, k_cache, v_cache, block_tables, positions, seq_ids, trusted=plan is not None)
     T, Hq, Dh = q.shape
     _, Hkv, BS, _ = k_cache.shape
     group = Hq // Hkv
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if T == 0:
         return out
-    min_run = max(2, group) if prefill_min_run is None else prefill_min_run
-    _need(min_run >= 1, f"paged_attention: prefill_min_run must be >= 1, got {min_run}")
-    # Planned on the host copies: no further syncs; the index lists go back to the device.
-    run_start, run_len, dec_tok = _plan(h_seq, h_pos, min_run)
-    max_run = int(run_len.max()) if run_len.numel() else 0
-    max_len = int(h_pos[dec_tok.long()].max()) + 1 if dec_tok.numel() else 0
-    run_start, run_len, dec_tok = (x.to(q.device) for x in (run_start, run_len, dec_tok))
+    if plan is None:  # planned on the host copies the checks fetched: no further syncs
+        plan = make_plan(h_pos, h_seq, group, q.device, prefill_min_run)
+    run_start, run_len, dec_tok, max_run, max_len = (
+        plan.run_start, plan.run_len, plan.dec_tok, plan.max_run, plan.max_len)
 
     DH_P = max(16, triton.next_power_of_2(Dh))
     prec = _dot_precision(q.dtype)
@@ -412,7 +442,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return torch.einsum("thl,tlhd->thd", torch.softmax(s, dim=-1), v).to(q.dtype)
 
 
-def _check_write(k_cache, v_cache, block_tables, positions, k, v, seq_ids):
+def _check_write(k_cache, v_cache, block_tables, positions, k, v, seq_ids, trusted: bool = False):
     op = "kv_write"
     _check_cache(op, k_cache, v_cache)
     NB, Hkv, BS, Dh = k_cache.shape
@@ -427,15 +457,20 @@ def _check_write(k_cache, v_cache, block_tables, positions, k, v, seq_ids):
         _need(x.device == k_cache.device, f"{op}: {name} is on {x.device}, the cache on {k_cache.device}")
         _need(x.stride(-1) == 1, f"{op}: {name} must be contiguous along Dh")
     tables, positions, seq_ids = _index_args(op, T, block_tables, positions, seq_ids, k_cache.device)
+    if trusted:
+        return tables, positions, seq_ids, None, None
     return (tables, positions, seq_ids, *_check_positions(op, tables, positions, seq_ids, BS, NB))
 
 
 def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
              positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             seq_ids: torch.Tensor | None = None) -> None:
+             seq_ids: torch.Tensor | None = None, trusted: bool = False) -> None:
     """Store k, v [T, Hkv, Dh] in place at block block_tables[seq, pos // block_size],
-    slot pos % block_size of each token (one program per token and kv head)."""
-    tables, positions, seq_ids, _, _ = _check_write(k_cache, v_cache, block_tables, positions, k, v, seq_ids)
+    slot pos % block_size of each token (one program per token and kv head).
+    trusted: the caller vouches for positions and tables (as for a make_plan
+    plan): no range check, so no host-device sync."""
+    tables, positions, seq_ids, _, _ = _check_write(k_cache, v_cache, block_tables, positions, k, v,
+                                                    seq_ids, trusted)
     T, Hkv, Dh = k.shape
     if T == 0:
         return
@@ -457,4 +492,5 @@ def kv_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: tor
     v_cache[blk, :, slot] = v
 
 
-__all__ = ["paged_attention", "paged_attention_ref", "kv_write", "kv_write_ref"]
+__all__ = ["AttentionPlan", "make_plan", "paged_attention", "paged_attention_ref", "kv_write",
+           "kv_write_ref"]

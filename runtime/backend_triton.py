@@ -12,6 +12,8 @@ never imports this module.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .errors import LingliError
@@ -24,6 +26,15 @@ try:
 except ImportError as e:  # pragma: no cover - the test environment has both
     raise LingliError(f"backend='triton' needs torch and triton ({e}); install them with "
                       "pip install -c constraints.txt -e '.[triton]'") from e
+
+
+@dataclass
+class DeviceBatch(BatchKV):
+    """A BatchKV on the device, with the host copies the attention plan is made
+    from (once per forward pass, at the first layer)."""
+    host_positions: "torch.Tensor | None" = None
+    host_seq_ids: "torch.Tensor | None" = None
+    plan: object = None
 
 
 def _tensor(a: np.ndarray) -> "torch.Tensor":
@@ -93,13 +104,17 @@ class TritonBackend:
 
     def attention(self, q: "torch.Tensor", cache: PagedKVCache, layer: int, batch: BatchKV,
                   positions: "torch.Tensor", scale: float) -> "torch.Tensor":
+        if batch.plan is None:
+            batch.plan = self._attn.make_plan(batch.host_positions, batch.host_seq_ids,
+                                              q.shape[1] // cache.k[layer].shape[1], self.device)
         return self._attn.paged_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
-                                          positions, scale, batch.seq_ids)
+                                          positions, scale, batch.seq_ids, plan=batch.plan)
 
     def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: "torch.Tensor",
                  k: "torch.Tensor", v: "torch.Tensor") -> None:
+        # The engine reserved every block before scheduling these positions.
         self._attn.kv_write(cache.k[layer], cache.v[layer], batch.block_tables, positions,
-                            k.contiguous(), v.contiguous(), batch.seq_ids)
+                            k.contiguous(), v.contiguous(), batch.seq_ids, trusted=True)
 
     def embedding(self, table, ids: np.ndarray) -> "torch.Tensor":
         # The table stays on the host (one row per token is all a step needs).
@@ -118,13 +133,13 @@ class TritonBackend:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------- array chores
-    def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple["torch.Tensor", BatchKV]:
+    def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple["torch.Tensor", DeviceBatch]:
         """Positions and block tables go to the device once per forward pass."""
+        host_pos = torch.from_numpy(np.array(positions, dtype=np.int32))
+        host_seq = torch.from_numpy(np.array(batch.seq_ids, dtype=np.int32))
+        tables = torch.from_numpy(np.array(batch.block_tables, dtype=np.int32))
         dev = self.device
-        pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int32)).to(dev)
-        tables = torch.from_numpy(np.ascontiguousarray(batch.block_tables, dtype=np.int32)).to(dev)
-        seq_ids = torch.from_numpy(np.ascontiguousarray(batch.seq_ids, dtype=np.int32)).to(dev)
-        return pos, BatchKV(tables, seq_ids)
+        return host_pos.to(dev), DeviceBatch(tables.to(dev), host_seq.to(dev), host_pos, host_seq)
 
     def contiguous(self, x: "torch.Tensor") -> "torch.Tensor":
         return x.contiguous()

@@ -132,6 +132,18 @@ def test_plan_routes_runs():
     assert starts.tolist() == [0] and lens.tolist() == [3] and dec.tolist() == [3, 4, 5, 6, 7, 8]
 
 
+@pytest.mark.parametrize("case", BATCH_CASES, ids=[str(c[:4]) for c in BATCH_CASES])
+def test_plan_made_once_gives_the_same_output(case):
+    """A make_plan plan (the backend makes one per forward pass) skips the checks and
+    the per-call planning; the output is the same as planning inside the call."""
+    t = to_torch(batch_case(case, "grouped"), torch.float32)
+    group = t["q"].shape[1] // t["k_cache"].shape[1]
+    plan = A.make_plan(t["positions"], t["seq_ids"], group, t["q"].device)
+    assert plan.run_start.numel() + plan.dec_tok.numel() > 0
+    torch.testing.assert_close(paged_attention(**t, plan=plan), paged_attention(**t), rtol=0, atol=0)
+    torch.testing.assert_close(paged_attention(**t, plan=plan), paged_attention_ref(**t), **TOL[torch.float32])
+
+
 def test_cases_reach_both_kernels():
     """The shapes above cover a prefill run longer than a tile and multi-split decode."""
     block_m = A._prefill_kernel.configs[0].kwargs["BLOCK_M"]
