@@ -180,3 +180,18 @@ def test_no_tokenizer_checkpoint_takes_ids(tmp_path):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(LingliError):
         LLM(str(tmp_path / "does-not-exist"))
+
+
+def test_cpu_path_imports_no_torch(tmp_path):
+    """Loading, quantizing and generating on the CPU backend never imports torch,
+    triton or kernels/ (DESIGN.md: the phone path has no PyTorch)."""
+    import subprocess
+    import sys
+
+    d = make_tiny_llama(tmp_path / "m", "sp", tmp_path)
+    code = ("import sys; from runtime import LLM, SamplingParams\n"
+            f"llm = LLM({str(d)!r}, quant='int4', progress=False)\n"
+            "llm.generate(['hello', 'world'], SamplingParams(max_tokens=4))\n"
+            "print(sorted(m for m in ('torch', 'triton', 'kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
