@@ -38,9 +38,11 @@ setup(
     extras_require={
         # torch only for the transformers parity tests; pinned to the CPU build (2.13.0).
         "test": ["pytest", "pytest-benchmark", "transformers", "torch==2.13.0", "triton==3.7.1",
-                 "fastapi", "uvicorn", "openai", "httpx"],
+                 "deepspeed==0.19.8", "fastapi", "uvicorn", "openai", "httpx"],
         # backend="triton" (kernels/): torch 2.13's GPU build pins triton 3.7.1.
         "triton": ["torch==2.13.0", "triton==3.7.1"],
+        # train/ (install with DS_BUILD_OPS=0: DeepSpeed then JIT-builds what it needs).
+        "train": ["torch==2.13.0", "transformers", "deepspeed==0.19.8"],
         # `lingli serve` (runtime.server); the rest of the runtime does not need them.
         "serve": ["fastapi", "uvicorn"],
         # bench/ only: plots (bench_streams.py); llama-cpp-python is built by hand (anchors.md §7).

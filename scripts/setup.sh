@@ -25,9 +25,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
 fi
 
 if [ "${1:-}" = "--test" ]; then
-    if ! "$VENV/bin/python" -c "import torch, triton, transformers, pytest, pytest_benchmark, runtime._C" 2>/dev/null; then
-        echo "[setup] installing test dependencies (torch CPU, triton, transformers, pytest)" >&2
-        "${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test]"
+    if ! "$VENV/bin/python" -c "import torch, triton, deepspeed, transformers, pytest, pytest_benchmark, runtime._C" 2>/dev/null; then
+        echo "[setup] installing test dependencies (torch CPU, triton, deepspeed, transformers, pytest)" >&2
+        # DS_BUILD_OPS=0: DeepSpeed's sdist installs without compiling its ops (it JIT-builds them).
+        DS_BUILD_OPS=0 "${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test]"
     fi
     # Cross toolchain for the aarch64 build check (NEON sources); optional.
     if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
