@@ -31,6 +31,8 @@ setup(
     version="0.1.0",
     description="Lingli: a small LLM inference runtime",
     packages=find_packages(include=["runtime*", "kernels*", "train*"]),
+    # Bundled checkpoints (runtime/models/NAME), e.g. the "poet" model train/ makes.
+    package_data={"runtime": ["models/*/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",

@@ -60,8 +60,19 @@ KNOWN_MODELS: Dict[str, _WheelModel] = {
 }
 
 
+# Models that ship inside the package (runtime/models/NAME: a checkpoint dir).
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+
+
+def bundled_model(name: str) -> Path | None:
+    """The bundled checkpoint called `name` (e.g. "poet"), if this build has it."""
+    d = BUNDLED_DIR / name
+    return d if name and "/" not in name and (d / "config.json").is_file() else None
+
+
 def known_model_names():
-    names = []
+    names = sorted(p.name for p in BUNDLED_DIR.glob("*") if bundled_model(p.name)) \
+        if BUNDLED_DIR.is_dir() else []
     for key, m in KNOWN_MODELS.items():
         names.append(key)
         names.extend(m.aliases)
@@ -184,6 +195,9 @@ def resolve_model(name_or_path) -> Path:
             return _convert(p, out)
         raise UnknownModelError(f"{p}: a model is a checkpoint directory, a .gguf file, or one of: "
                                 f"{', '.join(known_model_names())}")
+    bundled = bundled_model(s)
+    if bundled is not None:
+        return bundled
     from .synthetic import resolve_synthetic
     synthetic = resolve_synthetic(s)
     if synthetic is not None:
