@@ -294,11 +294,57 @@ def export(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- dispatch
 # name -> (help, add_arguments, run). Add `tokenizer` and `poet` here.
+# ------------------------------------------------------------- tokenizer --
+
+def tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", type=Path, nargs="+", required=True, help="UTF-8 training text files")
+    p.add_argument("--out", type=Path, required=True, help="directory for tokenizer.model and configs")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters covered by pieces; the rest fall back to bytes")
+    p.add_argument("--extend", type=Path, default=None, metavar="BASE",
+                   help="append the new pieces to this base tokenizer (ids of BASE unchanged)")
+
+
+def tokenizer(a: argparse.Namespace) -> int:
+    from .tokenizer import extend_tokenizer, train_tokenizer
+
+    if a.extend is None:
+        out = train_tokenizer(a.text, a.out, a.vocab_size, a.model_type, a.character_coverage)
+    else:
+        extra = train_tokenizer(a.text, a.out / "extra", a.vocab_size, a.model_type,
+                                a.character_coverage)
+        out = extend_tokenizer(a.extend, extra, a.out)
+    print(out)
+    return 0
+
+
+# ------------------------------------------------------------------ poet --
+
+def poet_args(p: argparse.ArgumentParser) -> None:
+    from .poet import DEFAULT_OUT
+
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    p.add_argument("--pretrain-minutes", type=float, default=30.0)
+    p.add_argument("--sft-minutes", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def poet(a: argparse.Namespace) -> int:
+    from .poet import build
+
+    build(a.out, pretrain_minutes=a.pretrain_minutes, sft_minutes=a.sft_minutes, seed=a.seed)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
+    "tokenizer": ("train (or extend) a sentencepiece tokenizer", tokenizer_args, tokenizer),
     "pretrain": ("train a LLaMA from scratch on text files", pretrain_args, pretrain),
     "sft": ("instruction-tune a model on JSONL conversations", sft_args, sft),
     "export": ("write a run's checkpoint in Hugging Face format", export_args, export),
+    "poet": ("reproduce the bundled poet model (runtime/models/poet)", poet_args, poet),
 }
 
 
