@@ -326,15 +326,15 @@ def poet_args(p: argparse.ArgumentParser) -> None:
     from .poet import DEFAULT_OUT
 
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
-    p.add_argument("--pretrain-minutes", type=float, default=30.0)
-    p.add_argument("--sft-minutes", type=float, default=6.0)
+    p.add_argument("--pretrain-steps", type=int, default=600, help="steps of 16 x 256 tokens")
+    p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
 
 def poet(a: argparse.Namespace) -> int:
     from .poet import build
 
-    build(a.out, pretrain_minutes=a.pretrain_minutes, sft_minutes=a.sft_minutes, seed=a.seed)
+    build(a.out, pretrain_steps=a.pretrain_steps, sft_steps=a.sft_steps, seed=a.seed)
     return 0
 
 
