@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,21 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
+
 HQ, DH, BS = 32, 128, 16
 KV_HEADS = (32, 8)
 DECODE = [(b, ctx) for ctx in (512, 2048) for b in (1, 16, 64)]
 PREFILL_TOKENS = 512
 COPY_BYTES = 1 << 30
 DEV = "cuda"
-
-
-def copy_bandwidth(do_bench) -> float:
-    """GB/s of dst.copy_(src): each byte is read once and written once."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    del src, dst
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
 def make_batch(hkv: int, lens: list[int], new: list[int]):
@@ -75,14 +67,6 @@ def cases():
         yield "prefill", hkv, 1, n, a, 2 * n * hkv * DH * 2, 4 * HQ * DH * n * (n + 1) // 2
 
 
-def skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device; the Triton kernels are only timed on a GPU"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET is set; the interpreter's timings mean nothing"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", metavar="F", help="also write the results to this JSON file")
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernels.attention import paged_attention, paged_attention_ref
 
     torch.manual_seed(0)
-    copy_gbps = copy_bandwidth(do_bench)
+    copy_gbps = copy_bandwidth(COPY_BYTES)
     rows = []
     for kind, hkv, b, ctx, a, kv_bytes, flops in cases():
         if b * ctx <= 16 * 2048:  # the reference gathers [T, L, Hq, Dh] in fp32: keep it small

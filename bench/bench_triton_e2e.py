@@ -17,22 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def copy_bandwidth_gbs(mib: int = 1024, repeats: int = 10) -> float:
-    """Device-to-device copy: (read + write bytes) / best time, GB/s."""
-    import torch
-
-    src = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / best / 1e9
+from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("bench_triton_e2e: skipped (torch is not installed)")
+    reason = skip_reason()
+    if reason:
+        print(f"bench_triton_e2e: skipped ({reason})")
         return 0
-    if not torch.cuda.is_available():
-        print("bench_triton_e2e: skipped (no CUDA device; the triton backend's figures need a GPU)")
-        return 0
+    import torch
 
     from runtime.bench import bench_ids, measure_decode, measure_prefill, normalize_quant, prepare_lingli
     from runtime.eval import resolve
@@ -59,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.llm import LLM
 
     target = Path(resolve_model(str(resolve(a.model))))
-    bw = copy_bandwidth_gbs()
+    bw = copy_bandwidth()
     rows = []
     for q in (normalize_quant(x) for x in a.quant):
         path, quant = prepare_lingli(target, q)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,20 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
+
 H, F, HEADS, DH = 4096, 11008, 32, 128
 TOKENS = (1, 16, 512)
 MAX_POS = 4096
 COPY_BYTES = 512 << 20  # far above L2, so the probe measures DRAM/HBM
 DEV = "cuda"
-
-
-def copy_bandwidth(do_bench) -> float:
-    """GB/s of dst.copy_(src): each byte is read once and written once."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    del src, dst
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
 def cases(T: int):
@@ -86,14 +78,6 @@ def _rope_pair(q, pos, cos, sin, il):
     return got, want
 
 
-def skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device; the Triton kernels are only timed on a GPU"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET is set; the interpreter's timings mean nothing"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", metavar="F", help="also write the results to this JSON file")
@@ -106,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.testing import do_bench
 
     torch.manual_seed(0)
-    copy_gbps = copy_bandwidth(do_bench)
+    copy_gbps = copy_bandwidth(COPY_BYTES)
     rows = []
     for T in TOKENS:
         for name, nbytes, fused, unfused, check in cases(T):

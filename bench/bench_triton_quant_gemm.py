@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]
 MS = (1, 4, 16, 64, 512)
@@ -73,21 +74,12 @@ def model(bandwidth_gbs: float) -> None:
             print(f"| {n}x{k} | {name} | {b / 1e6:.2f} | {b / bandwidth_gbs / 1e3:.2f} | {f16 / b:.2f} |")
 
 
-def copy_bandwidth(do_bench) -> float:
-    """GB/s of dst.copy_(src): each byte is read once and written once."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    del src, dst
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
-
-
 def run(json_path: str | None) -> None:
     from triton.testing import do_bench
 
     from kernels.quant_gemm import bytes_moved, quant_matmul, quant_matmul_ref
 
-    copy_gbs = copy_bandwidth(do_bench)
+    copy_gbs = copy_bandwidth(COPY_BYTES)
     name = torch.cuda.get_device_name()
     print(f"{name}: device-to-device copy {copy_gbs:.0f} GB/s\n")
     print("| N x K | M | format | µs | GB/s | TFLOP/s | x fp16 | % copy bw |")
@@ -131,9 +123,9 @@ def main() -> None:
     if a.model:
         model(a.bandwidth_gbs)
         return
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("bench_triton_quant_gemm: skipped (needs a CUDA GPU and TRITON_INTERPRET unset; "
-              "--model prints the bandwidth bound without one)")
+    reason = skip_reason()
+    if reason:
+        print(f"bench_triton_quant_gemm: skipped ({reason}; --model prints the bandwidth bound without one)")
         return
     run(a.json)
 
