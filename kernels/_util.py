@@ -31,3 +31,14 @@ def autotune(configs: list, key: list[str], **kw):
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def out_buffer(op: str, out: "torch.Tensor | None", shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """`out` if it is a usable [shape] buffer of like's dtype with unit stride along
+    the last dim, a new one if out is None; else a ValueError naming `op`."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be {list(shape)} {like.dtype} with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    return out

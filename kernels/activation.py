@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cdiv, device
+from ._util import cdiv, device, out_buffer
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,11 +51,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     # The kernel needs unit stride along F; a view with another one is rare, so copy it.
     gate = gate if gate.stride(1) == 1 else gate.contiguous()
     up = up if up.stride(1) == 1 else up.contiguous()
-    if out is None:
-        out = torch.empty((T, F), dtype=gate.dtype, device=gate.device)
-    elif tuple(out.shape) != (T, F) or out.dtype != gate.dtype or out.stride(1) != 1:
-        raise ValueError(f"silu_mul: out must be [{T}, {F}] {gate.dtype} with unit column stride, "
-                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    out = out_buffer("silu_mul", out, (T, F), gate)
     if T == 0 or F == 0:
         return out
     block = min(triton.next_power_of_2(F), 1024)  # F = 11008 still gives 11 programs at T = 1

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import device
+from ._util import device, out_buffer
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # A row up to this many elements is held in registers (one read of x); longer
@@ -76,11 +76,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x.stride(1) != 1:  # the kernel needs unit stride along H
         x = x.contiguous()
     weight = weight.contiguous()
-    if out is None:
-        out = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (T, H) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"rms_norm: out must be [{T}, {H}] {x.dtype} with unit column stride, "
-                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    out = out_buffer("rms_norm", out, (T, H), x)
     if T == 0 or H == 0:
         return out
     block = min(triton.next_power_of_2(H), _MAX_BLOCK)

@@ -95,3 +95,18 @@ def attention(q, k_seq, v_seq, q_positions, scale: float) -> np.ndarray:
             p = np.exp(s - s.max())
             out[t, h] = (p / p.sum()) @ v
     return out
+
+
+def paged_write_case(rng):
+    """A KV write into a 9-block pool (Hkv 3, block 5, Dh 7): two sequences' tables,
+    five tokens of both interleaved, some landing in a second or third block.
+    Returns (k_cache, v_cache, tables, seq_ids, positions, k, v) as numpy arrays."""
+    nblocks, hkv, bs, dh = 9, 3, 5, 7
+    k_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
+    v_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
+    tables = np.array([[4, 0, 7], [2, 8, 1]], np.int32)
+    seq_ids = np.array([1, 0, 0, 1, 1], np.int32)
+    pos = np.array([9, 0, 12, 5, 14], np.int32)
+    k = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    v = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    return k_cache, v_cache, tables, seq_ids, pos, k, v

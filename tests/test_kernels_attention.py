@@ -219,15 +219,7 @@ def test_junk_past_needed_entries_is_fine():
 # ----------------------------------------------------------------- kv write --
 
 def write_case(dtype: torch.dtype):
-    rng = rng_for("paged-write")
-    nblocks, hkv, bs, dh = 9, 3, 5, 7
-    kc = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
-    vc = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
-    tables = np.array([[4, 0, 7], [2, 8, 1]], np.int32)
-    seq_ids = np.array([1, 0, 0, 1, 1], np.int32)
-    pos = np.array([9, 0, 12, 5, 14], np.int32)
-    k = rng.standard_normal((5, hkv, dh)).astype(np.float32)
-    v = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    kc, vc, tables, seq_ids, pos, k, v = ref.paged_write_case(rng_for("paged-write"))
     return (kc, vc, tables, seq_ids, pos, k, v), dict(
         k_cache=torch.from_numpy(kc).to(dtype), v_cache=torch.from_numpy(vc).to(dtype),
         block_tables=torch.from_numpy(tables), positions=torch.from_numpy(pos),

@@ -280,15 +280,8 @@ def test_paged_attention_batch_bad_inputs():
 
 
 def test_paged_write_matches_numpy_scatter():
-    rng = rng_for("paged-write")
-    nblocks, hkv, bs, dh = 9, 3, 5, 7
-    k_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
-    v_cache = rng.standard_normal((nblocks, hkv, bs, dh)).astype(np.float32)
-    tables = np.array([[4, 0, 7], [2, 8, 1]], np.int32)
-    seq_ids = np.array([1, 0, 0, 1, 1], np.int32)
-    pos = np.array([9, 0, 12, 5, 14], np.int32)
-    k = rng.standard_normal((5, hkv, dh)).astype(np.float32)
-    v = rng.standard_normal((5, hkv, dh)).astype(np.float32)
+    k_cache, v_cache, tables, seq_ids, pos, k, v = ref.paged_write_case(rng_for("paged-write"))
+    bs = k_cache.shape[2]
     want_k, want_v = k_cache.copy(), v_cache.copy()
     blocks = tables[seq_ids, pos // bs]
     want_k[blocks, :, pos % bs] = k

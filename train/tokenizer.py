@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from runtime.safetensors_io import open_safetensors, save_safetensors
-from runtime.tokenizer import _proto_fields
+from runtime.tokenizer import _proto_fields, _sp_normalizer_flags
 
 __all__ = [
     "train_tokenizer",
@@ -226,15 +226,8 @@ def write_tokenizer_files(model: Path, out_dir: Path, config_from: Path | None =
 
 
 def _normalizer_flags(model: Path) -> tuple[bool, bool]:
-    add_dummy_prefix = remove_extra_ws = True
-    for field, wire, value in _load_proto(model):
-        if field == 3 and wire == 2:
-            for f, w, v in _proto_fields(value):
-                if f == 3 and w == 0:
-                    add_dummy_prefix = bool(v)
-                elif f == 4 and w == 0:
-                    remove_extra_ws = bool(v)
-    return add_dummy_prefix, remove_extra_ws
+    """(add_dummy_prefix, remove_extra_whitespaces), read as the runtime reads them."""
+    return _sp_normalizer_flags(_model_file(model).read_bytes())
 
 
 def _write_tokenizer_json(model: Path, pieces: list[Piece], sp, add_bos: bool, out: Path) -> None:
