@@ -9,7 +9,8 @@
 3. pretraining: a ~7M-parameter LLaMA on packed 256-token sequences, 600 steps
    of 16 sequences (about 2 passes over the corpus);
 4. instruction tuning on prompts derived from the poems ("写一首五言绝句",
-   "以《静夜思》为题写一首诗", ...), loss on the replies only, rendered with
+   "以《静夜思》为题写一首诗", ...), with corpus sequences mixed in so the rest
+   of the text is not forgotten, loss on the replies only, rendered with
    POET_TEMPLATE, which the export carries as its chat template, so
    `lingli chat --model poet` prompts the model exactly as it was tuned;
 5. export (bfloat16 safetensors) and the held-out perplexity, written to
@@ -123,13 +124,19 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, pretrain_steps: int
     sft = [data.build_sft_example(tok, c, max_len=seq, template=POET_TEMPLATE) for c in convs]
     held_sft = [data.build_sft_example(tok, c, max_len=seq, template=POET_TEMPLATE)
                 for c in convs.held_out]
+    # Packed corpus sequences ride along (one per two poems) so that tuning on
+    # poems alone does not make the model forget the rest of its text: without
+    # them 200 steps raised the held-out corpus loss from 4.7 to 6.3.
+    rng = random.Random(seed)
+    sft_mix = sft + [train_ds[i] for i in rng.sample(range(len(train_ds)), min(len(train_ds), len(sft) // 2))]
     sft_steps = plan["sft_steps"]
-    sft_cfg = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=10, max_steps=sft_steps, batch_size=16,
+    sft_cfg = TrainConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=sft_steps, batch_size=16,
                           grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
                           eval_every=max(1, sft_steps // 5), eval_batches=8,
                           save_every=max(1, sft_steps // 5), seed=seed + 1, log_every=10)
-    _log(f"instruction tuning: {len(sft)} examples, {sft_steps} steps")
-    tuned = train(model, sft, held_sft, sft_cfg, work / "sft", collate, resume=True)
+    _log(f"instruction tuning: {len(sft)} examples (+{len(sft_mix) - len(sft)} corpus sequences), "
+         f"{sft_steps} steps")
+    tuned = train(model, sft_mix, held_sft, sft_cfg, work / "sft", collate, resume=True)
 
     # 5. export and held-out perplexity (the runtime's evaluation of the exported weights)
     if out.exists():
@@ -141,7 +148,8 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, pretrain_steps: int
         "parameters": n_params, "shape": SHAPE, "vocab_size": tok.vocab_size,
         "training_tokens": n_tok, "heldout_documents": len(held_docs),
         "pretrain": {"steps": steps, "tokens_per_step": 16 * seq, **_brief(pre)},
-        "sft": {"examples": len(sft), "steps": sft_steps, **_brief(tuned)},
+        "sft": {"examples": len(sft), "corpus_sequences": len(sft_mix) - len(sft), "steps": sft_steps,
+                **_brief(tuned)},
         "heldout_ppl": ppl, "export_bytes": size,
         "minutes": round((time.time() - t_start) / 60, 1),
         "command": "python -m train poet",
