@@ -41,10 +41,11 @@ def _model_args(p: argparse.ArgumentParser, quant: str | None = None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float,
+                   max_tokens_help: str = "%(default)s") -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help="most tokens to generate per reply (default %(default)s)")
+                   help=f"most tokens to generate per reply (default {max_tokens_help})")
     g.add_argument("--temperature", type=float, default=temperature,
                    help="softmax temperature; 0 means greedy (default %(default)s)")
     g.add_argument("--top-k", type=int, default=0,
@@ -162,6 +163,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .chat import ChatSession
 
     llm = _load(a)
+    if a.max_tokens is None:      # a small model's context must still hold the conversation
+        a.max_tokens = min(512, llm.max_model_len // 2)
     session = ChatSession(llm, _params(a), system=a.system, preset=a.template,
                           max_history_tokens=a.max_history_tokens)
     interactive = sys.stdin.isatty()
@@ -292,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most prompt tokens of history to keep (default: the context window "
                         "minus --max-tokens)")
     _model_args(h, quant="int4")
-    _sampling_args(h, max_tokens=512, temperature=0.7)
+    _sampling_args(h, max_tokens=None, temperature=0.7,
+                   max_tokens_help="512, or half the context window if that is smaller")
     h.set_defaults(func=cmd_chat)
 
     from .chat_template import list_presets
