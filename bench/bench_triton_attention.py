@@ -18,7 +18,6 @@ Without CUDA (or under TRITON_INTERPRET=1) it prints one line and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
+from bench.gpu_common import start  # noqa: E402
 
 HQ, DH, BS = 32, 128, 16
 KV_HEADS = (32, 8)
@@ -68,20 +67,14 @@ def cases():
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", metavar="F", help="also write the results to this JSON file")
-    args = ap.parse_args(argv)
-    reason = skip_reason()
-    if reason:
-        print(f"bench_triton_attention: skipped ({reason})")
+    started = start("bench_triton_attention", __doc__, argv, COPY_BYTES)
+    if started is None:
         return 0
+    args, copy_gbps = started
 
     from triton.testing import do_bench
 
     from kernels.attention import paged_attention, paged_attention_ref
-
-    torch.manual_seed(0)
-    copy_gbps = copy_bandwidth(COPY_BYTES)
     rows = []
     for kind, hkv, b, ctx, a, kv_bytes, flops in cases():
         if b * ctx <= 16 * 2048:  # the reference gathers [T, L, Hq, Dh] in fp32: keep it small

@@ -13,7 +13,6 @@ Without CUDA (or under TRITON_INTERPRET=1) it prints one line and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.gpu_common import copy_bandwidth, skip_reason  # noqa: E402
+from bench.gpu_common import start  # noqa: E402
 
 H, F, HEADS, DH = 4096, 11008, 32, 128
 TOKENS = (1, 16, 512)
@@ -79,18 +78,12 @@ def _rope_pair(q, pos, cos, sin, il):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", metavar="F", help="also write the results to this JSON file")
-    args = ap.parse_args(argv)
-    reason = skip_reason()
-    if reason:
-        print(f"bench_triton_fused: skipped ({reason})")
+    started = start("bench_triton_fused", __doc__, argv, COPY_BYTES)
+    if started is None:
         return 0
+    args, copy_gbps = started
 
     from triton.testing import do_bench
-
-    torch.manual_seed(0)
-    copy_gbps = copy_bandwidth(COPY_BYTES)
     rows = []
     for T in TOKENS:
         for name, nbytes, fused, unfused, check in cases(T):

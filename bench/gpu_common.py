@@ -28,3 +28,22 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     ms = do_bench(lambda: dst.copy_(src), return_mode="median")
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def start(name: str, doc: str, argv: list[str] | None, copy_bytes: int = 1 << 30):
+    """The shared opening of a GPU benchmark's main(): parse --json, print why it
+    skips and return None without a GPU; else seed torch and return (args, copy
+    GB/s measured now)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--json", metavar="F", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    reason = skip_reason()
+    if reason:
+        print(f"{name}: skipped ({reason})")
+        return None
+    import torch
+
+    torch.manual_seed(0)
+    return args, copy_bandwidth(copy_bytes)
