@@ -30,12 +30,13 @@ if [ "${1:-}" = "--test" ]; then
         # DS_BUILD_OPS=0: DeepSpeed's sdist installs without compiling its ops (it JIT-builds them).
         DS_BUILD_OPS=0 "${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test]"
     fi
-    # Cross toolchain for the aarch64 build check (NEON sources); optional.
-    if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
-            && command -v apt-get >/dev/null 2>&1; then
-        echo "[setup] installing g++-aarch64-linux-gnu and qemu-user (apt)" >&2
+    # Cross toolchain for the aarch64 build check (NEON sources) and the fortune
+    # corpora the poet recipe trains on; optional (their tests skip without them).
+    if { ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || [ ! -f /usr/share/games/fortunes/tang300 ]; } \
+            && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing g++-aarch64-linux-gnu, qemu-user, fortunes-zh, fortunes (apt)" >&2
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends g++-aarch64-linux-gnu qemu-user >/dev/null) \
-            || echo "[setup] apt install failed; the aarch64 checks will be skipped" >&2
+            --no-install-recommends g++-aarch64-linux-gnu qemu-user fortunes-zh fortunes >/dev/null) \
+            || echo "[setup] apt install failed; the aarch64 and fortune checks will be skipped" >&2
     fi
 fi

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,19 @@ def test_lingli_chat_model_poet():
                        input="写一首七言绝句\n/exit\n", capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(HAN.findall(r.stdout)) >= 10, r.stdout
+
+
+@pytest.mark.skipif(not (Path("/usr/share/games/fortunes") / "tang300").is_file(),
+                    reason="Debian's fortunes-zh is not installed")
+def test_poet_recipe_runs_end_to_end(tmp_path):
+    """`python -m train poet` in miniature: the real corpus and tokenizer, 2 + 2 steps."""
+    from runtime import LLM
+    from train.poet import build
+
+    out = tmp_path / "poet"
+    info = build(out, work=tmp_path / "work", pretrain_steps=2, sft_steps=2, heldout_tokens=600)
+    assert info["pretrain"]["steps"] == 2 and info["sft"]["steps"] == 2
+    assert info["heldout_ppl"]["tokens"] > 300 and info["heldout_ppl"]["ppl"] > 1
+    assert json.loads((out / "poet.json").read_text(encoding="utf-8"))["parameters"] == info["parameters"]
+    llm = LLM(str(out), progress=False)
+    assert llm.tokenizer.vocab_size == 8000 and llm.config.num_layers == 6

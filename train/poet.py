@@ -57,7 +57,7 @@ def _split(docs: list[str], frac: float, seed: int) -> tuple[list[str], list[str
 
 def build(out: Path = DEFAULT_OUT, work: Path | None = None, pretrain_steps: int = 600,
           sft_steps: int = 200, seed: int = 0, vocab_size: int = 8000,
-          fortunes_dir: Path | None = None) -> dict:
+          fortunes_dir: Path | None = None, heldout_tokens: int | None = None) -> dict:
     """Run the whole recipe; returns the summary written to out/poet.json."""
     import torch
 
@@ -142,7 +142,7 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, pretrain_steps: int
     if out.exists():
         shutil.rmtree(out)
     export_hf(model, tok_dir, out, chat_template=POET_TEMPLATE, dtype="bfloat16")
-    ppl = _heldout_ppl(out, work / "heldout.txt")
+    ppl = _heldout_ppl(out, work / "heldout.txt", heldout_tokens)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     summary = {
         "parameters": n_params, "shape": SHAPE, "vocab_size": tok.vocab_size,
@@ -169,13 +169,14 @@ def _brief(summary: dict) -> dict:
             "tokens_per_s": round(summary["tokens_per_s"], 1)}
 
 
-def _heldout_ppl(model_dir: Path, text: Path) -> dict:
-    """Perplexity of the held-out documents with the runtime (sliding windows)."""
+def _heldout_ppl(model_dir: Path, text: Path, max_tokens: int | None = None) -> dict:
+    """Perplexity of the held-out documents with the runtime (sliding windows;
+    the first max_tokens only, if given: for smoke tests)."""
     from runtime.eval import perplexity
     from runtime.llm import LLM
 
     llm = LLM(str(model_dir), progress=False)
-    ids = llm.tokenizer.encode(text.read_text(encoding="utf-8"))
+    ids = llm.tokenizer.encode(text.read_text(encoding="utf-8"))[:max_tokens]
     ppl, n = perplexity(llm, ids, ctx=256, stride=128)
     return {"ppl": round(ppl, 3), "tokens": n, "ctx": 256, "stride": 128,
             "text": "5% of the corpus documents, held out from tokenizer and model training"}
