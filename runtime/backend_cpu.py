@@ -115,6 +115,11 @@ class CpuBackend:
         return x
 
     def embedding(self, table: Weight, ids: np.ndarray) -> np.ndarray:
-        if isinstance(table, QuantizedTensor):
-            return np.ascontiguousarray(table.take_rows(ids), dtype=np.float32)
-        return np.ascontiguousarray(table[ids], dtype=np.float32)
+        return embedding_rows(table, ids)
+
+
+def embedding_rows(table: Weight, ids: np.ndarray) -> np.ndarray:
+    """float32 rows `ids` of an embedding table (dequantized if quantized), on the host."""
+    if isinstance(table, QuantizedTensor):
+        return np.ascontiguousarray(table.take_rows(ids), dtype=np.float32)
+    return np.ascontiguousarray(table[ids], dtype=np.float32)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LingliError
+from .backend_cpu import embedding_rows
 from .kv_cache import BatchKV, PagedKVCache
 from .quant.formats import QuantizedTensor
 
@@ -112,17 +113,14 @@ class TritonBackend:
 
     def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: "torch.Tensor",
                  k: "torch.Tensor", v: "torch.Tensor") -> None:
-        # The engine reserved every block before scheduling these positions.
+        # The engine reserved every block before scheduling these positions. The
+        # kernel takes strided k and v (v is a view into the fused qkv output).
         self._attn.kv_write(cache.k[layer], cache.v[layer], batch.block_tables, positions,
-                            k.contiguous(), v.contiguous(), batch.seq_ids, trusted=True)
+                            k, v, batch.seq_ids, trusted=True)
 
     def embedding(self, table, ids: np.ndarray) -> "torch.Tensor":
         # The table stays on the host (one row per token is all a step needs).
-        if isinstance(table, QuantizedTensor):
-            rows = table.take_rows(ids)
-        else:
-            rows = np.asarray(table[np.asarray(ids)], dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device, self.dtype)
+        return torch.from_numpy(embedding_rows(table, ids)).to(self.device, self.dtype)
 
     # ---------------------------------------------------------- KV storage
     @property
