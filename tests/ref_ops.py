@@ -110,3 +110,17 @@ def paged_write_case(rng):
     k = rng.standard_normal((5, hkv, dh)).astype(np.float32)
     v = rng.standard_normal((5, hkv, dh)).astype(np.float32)
     return k_cache, v_cache, tables, seq_ids, pos, k, v
+
+
+def single_sequence_case(rng, hq: int, hkv: int, dh: int, block_size: int, prefix: int, T: int) -> dict:
+    """One sequence's attention inputs: T query tokens after `prefix` cached ones.
+
+    Returns q [T,Hq,Dh], its positions, the contiguous k_seq/v_seq [L,Hkv,Dh] (for
+    ref.attention) and their paged k_cache/v_cache/block_table (make_paged_cache)."""
+    L = prefix + T
+    k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+    v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+    q = (rng.standard_normal((T, hq, dh)) * 2).astype(np.float32)
+    k_cache, v_cache, table = make_paged_cache(k_seq, v_seq, block_size, rng)
+    return dict(q=q, positions=np.arange(prefix, L, dtype=np.int32), k_seq=k_seq, v_seq=v_seq,
+                k_cache=k_cache, v_cache=v_cache, block_table=table)

@@ -50,15 +50,9 @@ def rng_for(*key) -> np.random.Generator:
 
 
 def single_case(case):
-    hq, hkv, dh, bs, prefix, T = case
-    rng = rng_for("attn", case)
-    L = prefix + T
-    k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
-    v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
-    q = (rng.standard_normal((T, hq, dh)) * 2).astype(np.float32)
-    k_cache, v_cache, table = ref.make_paged_cache(k_seq, v_seq, bs, rng)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=table,
-                positions=np.arange(prefix, L, dtype=np.int32), scale=1 / np.sqrt(dh), seq_ids=None)
+    c = ref.single_sequence_case(rng_for("attn", case), *case)
+    return dict(q=c["q"], k_cache=c["k_cache"], v_cache=c["v_cache"], block_tables=c["block_table"],
+                positions=c["positions"], scale=1 / np.sqrt(case[2]), seq_ids=None)
 
 
 def batch_case(case, order: str):

@@ -207,13 +207,9 @@ ATTN_CASES = [  # (Hq, Hkv, Dh, block_size, prefix_len, T)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[str(c) for c in ATTN_CASES])
 def test_paged_attention(isa_threads, case):
     hq, hkv, dh, bs, prefix, T = case
-    rng = rng_for("attn", case)
-    L = prefix + T
-    k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
-    v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
-    q = (rng.standard_normal((T, hq, dh)) * 2).astype(np.float32)
-    qpos = np.arange(prefix, L, dtype=np.int32)
-    k_cache, v_cache, table = ref.make_paged_cache(k_seq, v_seq, bs, rng)
+    c = ref.single_sequence_case(rng_for("attn", case), *case)
+    q, qpos, k_seq, v_seq = c["q"], c["positions"], c["k_seq"], c["v_seq"]
+    k_cache, v_cache, table = c["k_cache"], c["v_cache"], c["block_table"]
     scale = 1.0 / np.sqrt(dh)
     out = _C.paged_attention(q, k_cache, v_cache, table, qpos, scale)
     assert out.shape == (T, hq, dh) and out.dtype == np.float32
