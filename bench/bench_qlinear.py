@@ -55,23 +55,26 @@ PREFILL_CASES += [(16, 4096, 4096, 4, 64, MACHINE_THREADS), (512, 4096, 4096, 3,
 
 def random_qtensor(rng, n: int, k: int, bits: int, g: int) -> QuantizedTensor:
     ng = k // g
-    scales = (rng.random((n, ng), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
     if bits == 8:
+        scales = (rng.random((n, ng), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
         q = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
         return QuantizedTensor(8, g, (n, k), q, scales)
-    mins = (-rng.random((n, ng), dtype=np.float32) * 0.1).astype(np.float16)
+    codes = rng.integers(180, 256, size=(n, ng), dtype=np.uint8)     # scales within ~2^-5 of the row's
+    mins = rng.integers(-128, 0, size=(n, ng), dtype=np.int8)
+    row_scale = (rng.random(n, dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
     q = rng.integers(0, 256, size=(n, k * bits // 8 if bits == 4 else k // 4), dtype=np.uint8)
     qh = rng.integers(0, 256, size=(n, k // 8), dtype=np.uint8) if bits == 3 else None
-    return QuantizedTensor(bits, g, (n, k), q, scales, mins, qh)
+    return QuantizedTensor(bits, g, (n, k), q, codes, mins, qh, row_scale)
 
 
 def copy_qtensor(t: QuantizedTensor) -> QuantizedTensor:
     c = lambda a: None if a is None else a.copy()
-    return QuantizedTensor(t.bits, t.group_size, t.shape, c(t.q), c(t.scales), c(t.mins), c(t.qh))
+    return QuantizedTensor(t.bits, t.group_size, t.shape, c(t.q), c(t.scales), c(t.mins), c(t.qh),
+                           c(t.row_scale))
 
 
 def call(x, t: QuantizedTensor, out):
-    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, out)
+    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, t.row_scale, out)
 
 
 def _bw_report(benchmark, read_bw, report, label, nbytes, threads, bw_before):

@@ -3,7 +3,7 @@
     python bench/qlinear_bandwidth.py [--n 11008 --k 4096 --group-size 64]
 
 Weights are cycled over 8 copies so every call reads them from memory, not
-cache; GB/s counts every byte a call reads (codes, high plane, scales, mins).
+cache; GB/s counts every byte a call reads (codes, high plane, group parameters).
 The limit is `_C.read_bandwidth` at the same thread count, in the same run.
 """
 from __future__ import annotations
@@ -22,9 +22,11 @@ def random_weights(rng, bits: int, n: int, kp: int, g: int):
          4: lambda: rng.integers(0, 255, (n, kp // 2), dtype=np.uint8),
          3: lambda: rng.integers(0, 255, (n, kp // 4), dtype=np.uint8)}[bits]()
     qh = rng.integers(0, 255, (n, kp // 8), dtype=np.uint8) if bits == 3 else None
-    s = (rng.random((n, kp // g)) * 0.01).astype(np.float16)
-    m = None if bits == 8 else (rng.random((n, kp // g)) * -0.01).astype(np.float16)
-    return q, qh, s, m
+    if bits == 8:
+        return q, qh, (rng.random((n, kp // g)) * 0.01).astype(np.float16), None, None
+    s = rng.integers(180, 256, (n, kp // g), dtype=np.uint8)        # scale codes
+    m = rng.integers(-128, 0, (n, kp // g), dtype=np.int8)           # min codes
+    return q, qh, s, m, (rng.random(n) * 0.01).astype(np.float32)
 
 
 def best_time(fn, copies, rounds: int = 6) -> float:

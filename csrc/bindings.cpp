@@ -367,7 +367,7 @@ py::tuple quantize_acts(const py::array& x, int64_t kp) {
 
 py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
                   const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
-                  const py::object& out_obj, int act_steps) {
+                  const py::object& row_scale_obj, const py::object& out_obj, int act_steps) {
     if (act_steps != 1 && act_steps != 2)
         fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
     if (bits != 8 && bits != 4 && bits != 3)
@@ -376,8 +376,17 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         fail("qlinear: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
     check_f32(x, "qlinear: x", 2, "[M, K]");
     const py::ssize_t M = x.shape(0), K = x.shape(1);
-    if (!is_f16(scales))
-        fail("qlinear: scales must be float16, got " + std::string(py::str(scales.dtype())));
+    const std::string fmt = "int" + std::to_string(bits);
+    // int4/int3: the scales' dtype picks the encoding (qlinear.h: group parameters).
+    static const std::string kValid =
+        " (int4/int3 take scales float16 + mins float16 + row_scale None, or scales uint8 + mins int8 + "
+        "row_scale float32 [N])";
+    const bool coded = bits != 8 && scales.dtype().is(py::dtype::of<uint8_t>());
+    if (bits == 8 && !is_f16(scales))
+        fail("qlinear: scales must be float16 for int8, got " + std::string(py::str(scales.dtype())));
+    if (bits != 8 && !coded && !is_f16(scales))
+        fail("qlinear: scales must be float16 or uint8 (the scale codes) for " + fmt + ", got " +
+             std::string(py::str(scales.dtype())) + kValid);
     check_array(scales, "qlinear: scales", 2, "[N, Kp/G]");
     const py::ssize_t N = scales.shape(0), ng = scales.shape(1), Kp = ng * group_size;
     if (K > Kp || Kp - K >= group_size)
@@ -385,7 +394,7 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
              " imply Kp = " + std::to_string(Kp) + " (group_size " + std::to_string(group_size) +
              "); need Kp - group_size < K <= Kp");
     const std::string why = "(N, Kp = " + std::to_string(N) + ", " + std::to_string(Kp) +
-                            " from scales, int" + std::to_string(bits) + ")";
+                            " from scales, " + fmt + ")";
     std::vector<py::array> inputs{x, q, scales};
     if (bits == 8) check_q(q, "qlinear: q", 'b', {N, Kp}, why);
     else if (bits == 4) check_q(q, "qlinear: q", 'B', {N, Kp / 2}, why);
@@ -398,17 +407,37 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         qhp = static_cast<const uint8_t*>(qh.data());
         inputs.push_back(qh);
     } else if (!qh_obj.is_none()) {
-        fail("qlinear: qh must be None for int" + std::to_string(bits) + " (only int3 has a high bit plane)");
+        fail("qlinear: qh must be None for " + fmt + " (only int3 has a high bit plane)");
     }
-    const uint16_t* minsp = nullptr;
+    const void* minsp = nullptr;
+    const float* rsp = nullptr;
     if (bits == 8) {
         if (!mins_obj.is_none()) fail("qlinear: mins must be None for int8 (it is symmetric)");
+        if (!row_scale_obj.is_none())
+            fail("qlinear: row_scale must be None for int8 (its float16 scales need none)");
     } else {
-        if (mins_obj.is_none()) fail("qlinear: int" + std::to_string(bits) + " needs mins, got None");
+        const std::string enc = coded ? "uint8 scales" : "float16 scales";
+        if (mins_obj.is_none())
+            fail("qlinear: " + fmt + " needs mins (" + (coded ? "int8 min codes" : "float16") + " with " + enc +
+                 "), got None" + kValid);
         py::array mins = opt_array(mins_obj, "qlinear: mins");
-        check_q(mins, "qlinear: mins", 'h', {N, ng}, "(same as scales)");
-        minsp = static_cast<const uint16_t*>(mins.data());
+        if (coded ? !mins.dtype().is(py::dtype::of<int8_t>()) : !is_f16(mins))
+            fail("qlinear: mins must be " + std::string(coded ? "int8 (the min codes)" : "float16") + " with " + enc +
+                 ", got " + std::string(py::str(mins.dtype())) + kValid);
+        check_q(mins, "qlinear: mins", coded ? 'b' : 'h', {N, ng}, "(same as scales)");
+        minsp = mins.data();
         inputs.push_back(mins);
+        if (coded) {
+            if (row_scale_obj.is_none())
+                fail("qlinear: " + fmt + " needs row_scale (float32 [N]) with uint8 scales, got None" + kValid);
+            py::array rs = opt_array(row_scale_obj, "qlinear: row_scale");
+            check_f32(rs, "qlinear: row_scale", 1, "[N]");
+            check_shape(rs, "qlinear: row_scale", {N}, "(N from scales)");
+            rsp = static_cast<const float*>(rs.data());
+            inputs.push_back(rs);
+        } else if (!row_scale_obj.is_none()) {
+            fail("qlinear: row_scale must be None with float16 scales and mins" + kValid);
+        }
     }
     py::array out;
     if (out_obj.is_none()) {
@@ -423,8 +452,12 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         for (const py::array& in : inputs)
             if (overlaps(out, in)) fail("qlinear: out must not overlap its inputs");
     }
+    const void* sp = scales.data();
     lingli::QMatrix w{bits, group_size, N, K, Kp, static_cast<const uint8_t*>(q.data()), qhp,
-                      static_cast<const uint16_t*>(scales.data()), minsp};
+                      coded ? nullptr : static_cast<const uint16_t*>(sp),
+                      coded ? nullptr : static_cast<const uint16_t*>(minsp),
+                      coded ? static_cast<const uint8_t*>(sp) : nullptr,
+                      coded ? static_cast<const int8_t*>(minsp) : nullptr, rsp};
     const float* xp = static_cast<const float*>(x.data());
     float* yp = static_cast<float*>(out.mutable_data());
     {
@@ -497,10 +530,21 @@ PYBIND11_MODULE(_C, m) {
           "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "
           "sums int32 [M,kp/32]) with d = max|x|/127, q = nearbyint(x/d); inputs past K are 0.");
     m.def("qlinear", &qlinear, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("q"),
-          py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("out") = py::none(), py::arg("act_steps") = 1,
+          py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("row_scale"), py::arg("out") = py::none(),
+          py::arg("act_steps") = 1,
           "y[M,N] = x[M,K] @ W.T for W in Lingli's int8/int4/int3 layout (runtime.quant.formats); "
           "x is quantized to int8 per 32-input block on the fly (act_steps=2: plus its residual, "
-          "~14-bit activations). Writes into `out` if given.");
+          "~14-bit activations). int8: scales float16 [N, Kp/G], mins and row_scale None. "
+          "int4/int3, either encoding (per matrix): f16: scales and mins float16 [N, Kp/G], "
+          "row_scale None; codes: scales uint8 [N, Kp/G] (scale codes), mins int8 [N, Kp/G] (min codes), "
+          "row_scale float32 [N]: s = row_scale * scale_table()[code], m = (s * min code) * 0.125. "
+          "Writes into `out` if given.");
+    m.def("scale_table", [] {
+        py::array_t<float> t(256);
+        float* p = t.mutable_data();
+        for (int c = 0; c < 256; ++c) p[c] = lingli::scale_factor(static_cast<uint8_t>(c));
+        return t;
+    }, "T[c] (float32 [256]) of the int4/int3 scale codes: s = row_scale * T[c].");
     m.def("qlinear_path", [] { return std::string(lingli::qgemm_path()); },
           "The quantized kernel the current ISA selects: avx512_vnni, avx2, neon_dot, neon or plain.");
 

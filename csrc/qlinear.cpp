@@ -83,19 +83,20 @@ void qgemm_plain(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float
                  int64_t ldo) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, bpg = w.group_size / QBLOCK;
     std::vector<int> codes(static_cast<size_t>(w.kp));
+    const bool mins = w.bits != 8;
     for (int64_t r = r0; r < r1; ++r) {
         for (int64_t e = 0; e < w.kp; ++e) codes[e] = weight_code(w, r, e);
         for (int64_t i = 0; i < a.m; ++i) {
             const int8_t* xq = a.q + i * a.kp;
             float y = 0.f;
             for (int64_t g = 0; g < ng; ++g) {
-                const float s = half_to_float(w.scales[r * ng + g]);
-                const float mn = w.mins ? half_to_float(w.mins[r * ng + g]) : 0.f;
+                const float s = group_scale(w, r, g);
+                const float mn = group_min(w, r, g, s);
                 for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
                     int32_t dot = 0;
                     for (int64_t j = b * QBLOCK; j < (b + 1) * QBLOCK; ++j) dot += codes[j] * xq[j];
                     float t = s * static_cast<float>(dot);
-                    if (w.mins) t += mn * static_cast<float>(a.sums[i * nb + b]);
+                    if (mins) t += mn * static_cast<float>(a.sums[i * nb + b]);
                     y += a.d[i * nb + b] * t;
                 }
             }
@@ -162,13 +163,6 @@ void quantize_acts_with(QuantFn fn, const float* x, int64_t m, int64_t k, int64_
     });
 }
 
-int64_t weight_bytes(const QMatrix& w) {
-    const int64_t ng = w.kp / w.group_size;
-    int64_t b = w.n * (w.kp * w.bits / 8 + ng * 2);
-    if (w.mins) b += w.n * ng * 2;
-    return b;
-}
-
 }  // namespace
 
 void quantize_acts(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* d,
@@ -191,7 +185,7 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
     const int64_t m = acts.m;
     const QGemmFn fn = qgemm_for(path);
     // Work ~ weight bytes for decode; for prefill the products dominate.
-    int nt = threads_for_bytes(weight_bytes(w) + m * w.n * w.kp / 16);
+    int nt = threads_for_bytes(w.n * row_bytes(w) + m * w.n * w.kp / 16);
     if (nt > w.n) nt = static_cast<int>(w.n);
 #if defined(__x86_64__)
     if (path == QPath::Avx512Vnni && m >= vnni_tile_min_rows(w.kp)) {

@@ -1,10 +1,13 @@
 // Quantized matrix products: the contract between the dispatcher and each ISA.
 //
 // Weights are in Lingli's portable layout (runtime/quant/formats.py has the
-// bit diagrams): codes in 32-input blocks, f16 scales (and f16 mins for
-// int4/int3) per group of G = 32/64/128 inputs. Activations are quantized on
-// the fly per 32-input block: d = max|x| / 127, q = nearbyint(x * (127 / max|x|))
-// in [-127, 127], plus the block's code sum (for the asymmetric min term):
+// bit diagrams): codes in 32-input blocks and, per group of G = 32/64/128
+// inputs, a scale s (int8: f16) or, for int4/int3, s and a min m in one of
+// two encodings chosen per matrix: f16 s and f16 m, or s and m coded in one
+// byte each against a float row scale (below: "group parameters").
+// Activations are quantized on the fly per 32-input block: d = max|x| / 127,
+// q = nearbyint(x * (127 / max|x|)) in [-127, 127], plus the block's code sum
+// (for the asymmetric min term):
 //
 //   y[r] = sum_b d_b * ( s[r,g(b)] * sum_i q_x[i] * q_w[r,i]  +  m[r,g(b)] * sum_b )
 //
@@ -12,20 +15,79 @@
 // same integer block dots, so paths differ only in float summation order.
 #pragma once
 #include <cstdint>
+#include <cstring>
+
+#include "ops.h"  // half_to_float
 
 namespace lingli {
 
 constexpr int QBLOCK = 32;
 
 struct QMatrix {
-    int bits;                 // 8, 4 or 3
-    int group_size;           // 32, 64 or 128
-    int64_t n, k, kp;         // rows, logical inputs, inputs padded to a multiple of group_size
-    const uint8_t* q;         // int8: kp bytes/row (signed); int4: kp/2; int3 low plane: kp/4
-    const uint8_t* qh;        // int3 high plane, kp/8 bytes/row; nullptr otherwise
-    const uint16_t* scales;   // f16 bits [n, kp / group_size]
-    const uint16_t* mins;     // f16 bits [n, kp / group_size]; nullptr for int8
+    int bits;                    // 8, 4 or 3
+    int group_size;              // 32, 64 or 128
+    int64_t n, k, kp;            // rows, logical inputs, inputs padded to a multiple of group_size
+    const uint8_t* q;            // int8: kp bytes/row (signed); int4: kp/2; int3 low plane: kp/4
+    const uint8_t* qh;           // int3 high plane, kp/8 bytes/row; nullptr otherwise
+    // Group parameters, [n, kp / group_size] each. int8: scales only. int4/int3:
+    // exactly one encoding, the other's pointers nullptr (coded() tells which):
+    //   f16:   scales, mins (f16 bits)
+    //   codes: scale_codes, min_codes, row_scale [n]
+    const uint16_t* scales;      // f16 bits: int8, int4/int3 f16 encoding
+    const uint16_t* mins;        // f16 bits: int4/int3 f16 encoding
+    const uint8_t* scale_codes;  // int4/int3 codes encoding
+    const int8_t* min_codes;     // int4/int3 codes encoding
+    const float* row_scale;      // int4/int3 codes encoding: [n]
 };
+
+// Whether w's group parameters are the byte codes (int4/int3 only) rather than f16.
+inline bool coded(const QMatrix& w) { return w.scale_codes != nullptr; }
+
+// ------------------------------------------------------ group parameters --
+// int4/int3 groups carry either f16 s and m (the "f16" encoding, e.g. weights
+// converted from ggml Q4_1, which it represents exactly) or s and m coded in
+// one byte each against one float32 row scale R (the "codes" encoding,
+// formats.py format version 2):
+//
+//   scale code c (uint8):  | 7..4: octave e | 3..0: step j |
+//       s = R * T[c],  T[c] = F[j] * 2^(e - 15) = 2^((c - 255) / 16)
+//       F[j] = float32(2^((j - 15) / 16)), so T[255] = 1 and T[0] ~ 2^-15.9
+//   min code mc (int8):    m = (s * mc) * 0.125   (an eighth of s per step)
+//
+// every product rounded to float32 in that order (one rounding each; the
+// * 0.125 is exact). T[c] is exact in float32: F[j] with 15 - e taken off
+// its exponent field, which is how the kernels build it (SIMD: F by a
+// 16-entry permute, the exponent by an integer add). int8's s is f16.
+constexpr uint32_t kScaleStepBits[16] = {  // F[j] as float32 bits
+    0x3f05aac3, 0x3f0b95c2, 0x3f11c3d3, 0x3f1837f0, 0x3f1ef532, 0x3f25fed7, 0x3f2d583f, 0x3f3504f3,
+    0x3f3d08a4, 0x3f45672a, 0x3f4e248c, 0x3f5744fd, 0x3f60ccdf, 0x3f6ac0c7, 0x3f75257d, 0x3f800000};
+
+inline float scale_factor(uint8_t c) {  // T[c]
+    const uint32_t bits = kScaleStepBits[c & 15] - (static_cast<uint32_t>(15 - (c >> 4)) << 23);
+    float t;
+    std::memcpy(&t, &bits, 4);
+    return t;
+}
+
+// s of group g of row r (any format and encoding).
+inline float group_scale(const QMatrix& w, int64_t r, int64_t g) {
+    const int64_t i = r * (w.kp / w.group_size) + g;
+    return coded(w) ? w.row_scale[r] * scale_factor(w.scale_codes[i]) : half_to_float(w.scales[i]);
+}
+
+// m of group g of row r, given its s = group_scale(w, r, g) (int8: 0).
+inline float group_min(const QMatrix& w, int64_t r, int64_t g, float s) {
+    if (w.bits == 8) return 0.f;
+    const int64_t i = r * (w.kp / w.group_size) + g;
+    return coded(w) ? (s * static_cast<float>(w.min_codes[i])) * 0.125f : half_to_float(w.mins[i]);
+}
+
+// Bytes of one weight row: codes and group parameters (int8: f16 s; int4/int3
+// f16: s and m; codes: two bytes per group and the row scale).
+inline int64_t row_bytes(const QMatrix& w) {
+    const int64_t ng = w.kp / w.group_size;
+    return w.kp * w.bits / 8 + (w.bits == 8 ? 2 * ng : coded(w) ? 2 * ng + 4 : 4 * ng);
+}
 
 struct QActs {
     int64_t m, kp;            // rows of x, padded inputs (same kp as the weights)

@@ -32,10 +32,6 @@
 namespace lingli {
 namespace {
 
-inline float half_to_f32(uint16_t h) {
-    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
-}
-
 // ------------------------------------------------------- weight unpacking --
 // WRow<BITS>(w, r).block(b, lo, hi): codes of block b of row r as int8 in
 // natural order, lo = inputs 0..15, hi = inputs 16..31.
@@ -194,8 +190,8 @@ inline void qgemm_bits(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1,
             float* sb = expanded.data() + (r - rt) * 2 * nb;
             float* mb = sb + nb;
             for (int64_t g = 0; g < ng; ++g) {
-                const float s = half_to_f32(w.scales[r * ng + g]);
-                const float m = w.mins ? half_to_f32(w.mins[r * ng + g]) : 0.f;
+                const float s = group_scale(w, r, g);  // either encoding (qlinear.h)
+                const float m = group_min(w, r, g, s);
                 for (int64_t k = 0; k < per_group; ++k) {
                     sb[g * per_group + k] = s;
                     mb[g * per_group + k] = m;

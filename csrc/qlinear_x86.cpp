@@ -4,7 +4,11 @@
 // activation codes with the weight codes, then y += d_b * (s * dot + m * sum_b)
 // in float (qlinear.h). The min term is summed per group up front:
 // sum_b d_b m_g sum_b = sum_g m_g C_g with C_g = sum_{b in g} d_b sum_b, an
-// activation-only vector, so it costs one short dot per output.
+// activation-only vector, so it costs one short dot per output. int4/int3
+// groups carry either f16 s and m or byte codes under a row scale (chosen
+// per matrix; qlinear.h: group parameters): AVX-512 converts or decodes them
+// 16 groups at a time (group_params16_f16 / group_params16), AVX2 per group
+// (group_scale, group_min); int8's f16 scales are converted.
 //
 // AVX-512 VNNI (the kernels are in qlinear_x86_vnni.inc) has three kernels,
 // by the number of activation rows m (qlinear.h: vnni_tile_min_rows):
@@ -24,9 +28,9 @@
 //         accumulator lane starts at -128 times the sum of the activation
 //         codes it meets, so every lane holds its exact partial dot.
 // The float step per octet is cvt, * d (per lane, precomputed) and an FMA
-// with the weight scales (the octet's f16 scales, converted and spread by one
-// permute). It streams one weight row at a time with no masks on full octets,
-// 16 scales converted at a time and software prefetch kPrefetchBytes ahead:
+// with the weight scales (the octet's scales, spread by one permute). It
+// streams one weight row at a time with no masks on full octets, 16 group
+// parameters decoded at a time and software prefetch kPrefetchBytes ahead:
 // memory-bound, ~90-100% of the read bandwidth.
 //
 // Batched decode (a few rows: a continuous-batching engine's decode step,
@@ -99,11 +103,6 @@ namespace {
 // in L2 while every tile of activation rows passes over them.
 constexpr int64_t kRowBlockBytes = 256 << 10;
 
-int64_t row_bytes(const QMatrix& w) {
-    const int64_t ng = w.kp / w.group_size;
-    return w.kp * w.bits / 8 + ng * 2 * (w.mins ? 2 : 1);
-}
-
 int64_t rows_per_block(const QMatrix& w, int64_t m) {
     if (m <= 4) return INT64_MAX;  // one pass over the weights anyway
     return std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, row_bytes(w)));
@@ -127,6 +126,7 @@ void min_coeffs(const QActs& a, int64_t i, int group_size, float* c, int64_t ngp
 struct Avx2Prep {
     int64_t ngp = 0;
     std::vector<float> c;  // [m][ngp]
+    std::vector<float> mg;  // [ngp]: the current weight row's group mins (int4/int3), zero-padded
 };
 
 LINGLI_TARGET_AVX2 inline __m256i unpack_block_avx2(const QMatrix& w, const uint8_t* q,
@@ -153,19 +153,21 @@ LINGLI_TARGET_AVX2 inline __m256i unpack_block_avx2(const QMatrix& w, const uint
 }
 
 template <int R>
-LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, const Avx2Prep& p, int64_t i0,
+LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, Avx2Prep& p, int64_t i0,
                                   int64_t ra, int64_t rb, float* out, int64_t ldo) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, bpg = w.group_size / QBLOCK;
     const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    const bool mins = w.bits != 8;
     const __m256i ones = _mm256_set1_epi16(1);
+    float* mg = p.mg.data();
     for (int64_t r = ra; r < rb; ++r) {
         const uint8_t* q = w.q + r * qstride;
         const uint8_t* qh = w.qh ? w.qh + r * (w.kp / 8) : nullptr;
-        const uint16_t* sc = w.scales + r * ng;
         __m256 acc[R];
         for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
         for (int64_t g = 0; g < ng; ++g) {
-            const float s = _cvtsh_ss(sc[g]);
+            const float s = group_scale(w, r, g);  // either encoding (qlinear.h)
+            if (mins) mg[g] = group_min(w, r, g, s);
             for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
                 if (w.bits == 8) {
                     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
@@ -189,19 +191,10 @@ LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, const Avx2Pr
                 }
             }
         }
-        if (w.mins) {
-            const uint16_t* mn = w.mins + r * ng;
-            int64_t g = 0;
-            for (; g + 8 <= ng; g += 8) {
-                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g)));
+        if (mins) {
+            for (int64_t g = 0; g < ng; g += 8) {  // mg and c are zero-padded to a multiple of 16
+                const __m256 mv = _mm256_loadu_ps(mg + g);
                 for (int i = 0; i < R; ++i)
-                    acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(p.c.data() + (i0 + i) * p.ngp + g), acc[i]);
-            }
-            if (g < ng) {
-                alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                std::memcpy(tmp, mn + g, static_cast<size_t>(ng - g) * 2);
-                const __m256 mv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
-                for (int i = 0; i < R; ++i)  // c is zero-padded to a multiple of 16
                     acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(p.c.data() + (i0 + i) * p.ngp + g), acc[i]);
             }
         }
@@ -224,6 +217,38 @@ struct Aligned64 {
     template <class U>
     bool operator!=(const Aligned64<U>&) const { return false; }
 };
+
+// T[c]'s bits (qlinear.h) are kScaleSteps[c & 15] + (c << 19): c << 19 puts
+// the octave c >> 4 at the exponent (bit 23) and the step c & 15 at bit 19,
+// which the table (F[j] * 2^-15 as bits, less j << 19) cancels.
+struct ScaleSteps {
+    alignas(64) int32_t v[16];
+    constexpr ScaleSteps() : v{} {
+        for (int j = 0; j < 16; ++j)
+            v[j] = static_cast<int32_t>(kScaleStepBits[j] - (15u << 23) - (static_cast<uint32_t>(j) << 19));
+    }
+};
+constexpr ScaleSteps kScaleSteps{};
+
+// s and m of 16 int4/int3 groups (lanes outside k: 0), bit for bit
+// group_scale and group_min: from their codes sc, mc and the row scale *rs
+// (codes encoding), or their f16 sf, mf (f16 encoding).
+LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void group_params16(const uint8_t* sc, const int8_t* mc,
+                                                                              const float* rs, __mmask16 k,
+                                                                              __m512& s, __m512& m) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, sc));
+    const __m512i t = _mm512_add_epi32(_mm512_permutexvar_epi32(c, _mm512_load_si512(kScaleSteps.v)),
+                                       _mm512_slli_epi32(c, 19));  // permutexvar reads c & 15
+    s = _mm512_maskz_mul_ps(k, _mm512_set1_ps(*rs), _mm512_castsi512_ps(t));
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc)));
+    m = _mm512_mul_ps(_mm512_mul_ps(s, z), _mm512_set1_ps(0.125f));
+}
+
+LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void group_params16_f16(const uint16_t* sf, const uint16_t* mf,
+                                                                                  __mmask16 k, __m512& s, __m512& m) {
+    s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sf));
+    m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mf));
+}
 
 // Activation rows rearranged once per call into the planar order the weight
 // unpacking produces: per octet o (8 blocks), four 64-byte planes j = 0..3
@@ -471,7 +496,7 @@ VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a) {
     t.nb = a.kp / QBLOCK;
     t.ng = a.kp / w.group_size;
     t.group_size = w.group_size;
-    t.mins = w.mins != nullptr;
+    t.mins = w.bits != 8;
     t.xq.resize(static_cast<size_t>(t.ntile * t.nb * 512));
     t.dl.resize(static_cast<size_t>(t.ntile * t.nb * 16));
     if (t.mins) t.cl.resize(static_cast<size_t>(t.ntile * t.ng * 16));
@@ -527,7 +552,7 @@ LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t
 namespace {
 
 // Decoded weight rows [ra, rb): int8 codes (int4/int3), -128 * block code
-// sums, and f32 scales and mins.
+// sums, and f32 group scales and (int4/int3) mins.
 struct TileWeights {
     std::vector<int8_t, Aligned64<int8_t>> codes;  // [rows][kp] (int4/int3)
     std::vector<int32_t> init;                     // [rows][nb]
@@ -537,10 +562,11 @@ struct TileWeights {
 LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
     const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    const bool cod = coded(w);
     if (w.bits != 8) tw.codes.resize(static_cast<size_t>(n * w.kp));
     tw.init.resize(static_cast<size_t>(n * nb));
     tw.sf.resize(static_cast<size_t>(n * ng));
-    if (w.mins) tw.mf.resize(static_cast<size_t>(n * ng));
+    if (w.bits != 8) tw.mf.resize(static_cast<size_t>(n * ng));
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
     for (int64_t r = ra; r < rb; ++r) {
         const int64_t rr = r - ra;
@@ -586,11 +612,17 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
             s2 = _mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2));
             init[b] = -128 * (static_cast<int32_t>(_mm_cvtsi128_si32(s2)) + bias);
         }
-        for (int64_t g = 0; g < ng; g += 16) {  // f16 -> f32, 16 at a time
+        for (int64_t g = 0; g < ng; g += 16) {  // 16 at a time
             const __mmask16 gm = static_cast<__mmask16>(ng - g >= 16 ? 0xffffu : (1u << (ng - g)) - 1u);
-            _mm512_mask_storeu_ps(tw.sf.data() + rr * ng + g, gm, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, w.scales + r * ng + g)));
-            if (w.mins)
-                _mm512_mask_storeu_ps(tw.mf.data() + rr * ng + g, gm, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, w.mins + r * ng + g)));
+            if (w.bits == 8) {
+                _mm512_mask_storeu_ps(tw.sf.data() + rr * ng + g, gm, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, w.scales + r * ng + g)));
+            } else {
+                __m512 sv, mv;
+                if (cod) group_params16(w.scale_codes + r * ng + g, w.min_codes + r * ng + g, w.row_scale + r, gm, sv, mv);
+                else group_params16_f16(w.scales + r * ng + g, w.mins + r * ng + g, gm, sv, mv);
+                _mm512_mask_storeu_ps(tw.sf.data() + rr * ng + g, gm, sv);
+                _mm512_mask_storeu_ps(tw.mf.data() + rr * ng + g, gm, mv);
+            }
         }
     }
 }
@@ -684,7 +716,7 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
 
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
                         int64_t ldo) {
-    const bool mins = w.mins != nullptr;
+    const bool mins = w.bits != 8;
     switch (w.group_size / QBLOCK) {
         case 1: mins ? run_tiles<1, true>(w, *t, r0, r1, out, ldo) : run_tiles<1, false>(w, *t, r0, r1, out, ldo); break;
         case 2: mins ? run_tiles<2, true>(w, *t, r0, r1, out, ldo) : run_tiles<2, false>(w, *t, r0, r1, out, ldo); break;
@@ -770,11 +802,12 @@ LINGLI_TARGET_VNNI void quantize_acts_avx512(const float* x, int64_t m, int64_t 
 
 void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     thread_local Avx2Prep p;
-    if (w.mins) {
+    if (w.bits != 8) {
         const int64_t ng = w.kp / w.group_size;
         p.ngp = (ng + 15) / 16 * 16;
         p.c.resize(static_cast<size_t>(a.m * p.ngp));
         for (int64_t i = 0; i < a.m; ++i) min_coeffs(a, i, w.group_size, p.c.data() + i * p.ngp, p.ngp);
+        p.mg.assign(static_cast<size_t>(p.ngp), 0.f);
     }
     const int64_t rbk = rows_per_block(w, a.m);
     for (int64_t ra = r0; ra < r1; ra = (r1 - ra > rbk ? ra + rbk : r1)) {

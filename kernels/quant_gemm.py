@@ -118,9 +118,12 @@ def repack(qt: QuantizedTensor, device: torch.device | str | None = None) -> Pac
     def t(a):
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
-    mins = None if qt.mins is None else qt.mins.T
-    return PackedWeight(qt.bits, qt.group_size, n, k, qt.padded_k, t(qweight), t(qt.scales.T),
-                        t(mins), t(qhigh))
+    # int4/int3 group parameters are stored as codes on the CPU (formats.py); the
+    # GPU kernels read them as f16, decoded here once (f16 holds them to 11 bits).
+    scales = qt.group_scales().astype(np.float16)
+    mins = None if qt.bits == 8 else qt.group_mins().astype(np.float16)
+    return PackedWeight(qt.bits, qt.group_size, n, k, qt.padded_k, t(qweight), t(scales.T),
+                        t(None if mins is None else mins.T), t(qhigh))
 
 
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:

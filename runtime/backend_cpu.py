@@ -65,7 +65,7 @@ class CpuBackend:
         if isinstance(w, QuantizedTensor):
             # Activations are quantized to int8 blocks inside; the inner loop is an integer dot.
             y = self._C.qlinear(x, w.bits, w.group_size, w.q, w.qh, w.scales, w.mins,
-                                act_steps=w.act_steps)
+                                w.row_scale, act_steps=w.act_steps)
         else:
             y = self._C.linear(x, w)
         if bias is not None:

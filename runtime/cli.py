@@ -122,7 +122,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = quantize_checkpoint(a.src, a.dst, bits=a.bits, group_size=a.group_size,
                               method=a.method, overwrite=a.overwrite,
-                              calib_tokens=a.calib_tokens)
+                              calib_tokens=a.calib_tokens, encoding=a.params)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -256,8 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", help="output directory (must be empty or absent)")
     q.add_argument("--bits", type=int, required=True, choices=[8, 4, 3],
                    help="bits per weight code")
-    q.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+    q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="inputs sharing one scale (and offset) (default %(default)s)")
+    q.add_argument("--params", default=None, choices=["auto", "codes", "f16"],
+                   help="int4/int3 group parameters: codes (a byte each for scale and min, "
+                        "4.5 bits/weight at int4 g32), f16 (5.0 bits/weight, exact for weights "
+                        "that came from ggml Q4_1), auto: codes unless f16 is 1.5x more "
+                        "accurate for a matrix (default: auto for int4, f16 for int3)")
     q.add_argument("--method", default=None, choices=["rtn", "search", "gptq"],
                    help="rtn: round to nearest; search: per-group scale search minimizing "
                         "squared error (k-quant style); gptq: second-order error feedback "

@@ -34,7 +34,7 @@ class RowStack:
 
 
 def _fmt(w) -> tuple:
-    return (w.bits, w.group_size) if isinstance(w, QuantizedTensor) else ("float", w.dtype)
+    return (w.bits, w.group_size, w.coded) if isinstance(w, QuantizedTensor) else ("float", w.dtype)
 
 
 def _cat_rows(parts: list, be) -> np.ndarray | QuantizedTensor | RowStack:

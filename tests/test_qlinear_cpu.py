@@ -30,6 +30,9 @@ from runtime.quant.formats import padded_k, quantize_rtn
 
 ISAS = _C.available_isas()
 BITS = (8, 4, 3)
+# (bits, int4/int3 group-parameter encoding): int8 has f16 scales only.
+FORMATS = [(8, "codes"), (4, "codes"), (4, "f16"), (3, "codes"), (3, "f16")]
+FORMAT_IDS = [f"int{b}" + ("-f16" if e == "f16" else "") for b, e in FORMATS]
 GROUPS = (32, 64, 128)
 # (M, N, K): every K in (32, 40, 100, 576, 1000), N in (1, 3, 7, 33, 129) and
 # M in (1, 2, 3, 5, 17) appears; 2080 gives 65-68 blocks (8-block units + a
@@ -89,9 +92,9 @@ def exact_reference(qt, qx, d, sums):
     dots = np.einsum("mbk,nbk->mnb", xb, codes).astype(np.float64)  # exact in float64
     # The magnitude bounds every partial sum a kernel may form within a block.
     absdots = np.einsum("mbk,nbk->mnb", np.abs(xb), np.abs(codes)).astype(np.float64)
-    s = np.repeat(qt.scales.astype(np.float64), g // 32, axis=1)[None]        # [1, n, nb]
+    s = np.repeat(qt.group_scales().astype(np.float64), g // 32, axis=1)[None]        # [1, n, nb]
     mn = (np.zeros_like(s) if qt.mins is None
-          else np.repeat(qt.mins.astype(np.float64), g // 32, axis=1)[None])
+          else np.repeat(qt.group_mins().astype(np.float64), g // 32, axis=1)[None])
     dd = d.astype(np.float64)[:, None, :]
     ss = sums.astype(np.float64)[:, None, :]
     y = (dd * (s * dots + mn * ss)).sum(axis=2)
@@ -124,7 +127,7 @@ def make_x(rng, m, k, outliers=True):
 
 
 def run_qlinear(x, qt, out=None):
-    return _C.qlinear(x, qt.bits, qt.group_size, qt.q, qt.qh, qt.scales, qt.mins, out)
+    return _C.qlinear(x, qt.bits, qt.group_size, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, out)
 
 
 def check_all_paths(x, qt, what, rtol=1e-5):
@@ -186,12 +189,13 @@ def test_quantize_acts_round_half_even(restore_isa):
 
 # ------------------------------------------------------- (b)-(d) qlinear --
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits,enc", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("m,n,k", SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
-def test_qlinear_paths(restore_isa, bits, group_size, m, n, k):
+def test_qlinear_paths(restore_isa, bits, enc, group_size, m, n, k):
     rng = rng_for("ql", bits, group_size, m, n, k)
-    qt = quantize_rtn(make_weights(rng, n, k), bits, group_size)
+    qt = quantize_rtn(make_weights(rng, n, k), bits, group_size, enc)
+    assert qt.encoding == enc or bits == 8
     x = make_x(rng, m, k)
     check_all_paths(x, qt, f"int{bits} g{group_size} {m}x{n}x{k}")
 
@@ -220,19 +224,19 @@ def test_qlinear_two_step_activations(restore_isa, bits, m, n, k):
     bound = 0.5 * d2k @ np.abs(wd).T * 1.001 + 1e-5 * (np.abs(x) @ np.abs(wd).T)
     one_step_err = np.abs(run_qlinear(x, qt).astype(np.float64) - y_float)
     for isa, nt in each_path():
-        y = _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=2)
+        y = _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, act_steps=2)
         assert_scaled(y, y1 + y2, mag1 + mag2, 1e-5, f"int{bits} {m}x{n}x{k} {isa} t{nt} vs exact")
         err = np.abs(y.astype(np.float64) - y_float)
         assert (err <= bound + 1e-30).all(), f"{isa} t{nt}: worst err/bound {(err / bound).max():.3g}"
         # Far closer to the float product than one step (the reason it exists).
         assert err.max() < one_step_err.max() / 20, (isa, err.max(), one_step_err.max())
     with pytest.raises(ValueError, match="act_steps must be 1 or 2, got 3"):
-        _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=3)
+        _C.qlinear(x, qt.bits, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, act_steps=3)
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits,enc", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_qlinear_special_values(restore_isa, bits, group_size):
+def test_qlinear_special_values(restore_isa, bits, enc, group_size):
     rng = rng_for("special", bits, group_size)
     m, n, k = 6, 9, 300
     w = make_weights(rng, n, k)
@@ -240,7 +244,7 @@ def test_qlinear_special_values(restore_isa, bits, group_size):
     w[2] = 0.0                               # an all-zero row
     w[3] *= 1e2                              # large weights (f16 offsets up to ~1e4)
     w[4] *= 1e-5                             # tiny weights (f16 subnormal scales)
-    qt = quantize_rtn(w, bits, group_size)
+    qt = quantize_rtn(w, bits, group_size, enc)
     x = make_x(rng, m, k)
     x[0] = 0.0                               # zero row -> exactly zero output
     x[1] *= 1e20
@@ -273,13 +277,15 @@ def test_int3_without_bitalg():
         "import numpy as np; from runtime import _C; from runtime.quant.formats import quantize_rtn\n"
         "rng = np.random.default_rng(5)\n"
         "for g in (32, 64, 128):\n"
-        "    for m, n, k in ((1, 7, 1000), (5, 33, 2080), (3, 3, 40)):\n"
-        "        qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), 3, g)\n"
+        "    for (m, n, k), enc in zip(((1, 7, 1000), (5, 33, 2080), (3, 3, 40)) * 2,\n"
+        "                              ['codes'] * 3 + ['f16'] * 3):\n"
+        "        qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), 3, g, enc)\n"
+        "        assert qt.encoding == enc\n"
         "        x = rng.standard_normal((m, k)).astype(np.float32)\n"
         "        ys = []\n"
         "        for isa in ('plain', 'avx512'):\n"
         "            _C.set_isa(isa)\n"
-        "            ys.append(_C.qlinear(x, 3, g, qt.q, qt.qh, qt.scales, qt.mins))\n"
+        "            ys.append(_C.qlinear(x, 3, g, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale))\n"
         "        scale = np.abs(x) @ np.abs(qt.dequantize()).T\n"
         "        assert (np.abs(ys[0] - ys[1]) <= 1e-5 * scale + 1e-30).all(), (g, m, n, k)\n"
         "print('ok')\n"
@@ -299,12 +305,12 @@ def test_qlinear_path_names(restore_isa):
 
 # -------------------------------------------------------------- bad input --
 
-def _args(bits=4, group_size=64, n=5, k=100):
+def _args(bits=4, group_size=64, n=5, k=100, enc="codes"):
     rng = rng_for("bad", bits, group_size)
-    qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), bits, group_size)
+    qt = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), bits, group_size, enc)
     x = rng.standard_normal((2, k)).astype(np.float32)
     return dict(x=x, bits=bits, group_size=group_size, q=qt.q, qh=qt.qh, scales=qt.scales,
-                mins=qt.mins)
+                mins=qt.mins, row_scale=qt.row_scale)
 
 
 def _fortran(a):
@@ -337,6 +343,27 @@ BAD = [
     ("mins_shape", 3, lambda a: dict(mins=a["mins"][:-1].copy()), "mins"),
     ("mins_dtype", 4, lambda a: dict(mins=a["mins"].astype(np.float32)), "mins"),
     ("mins_notarray", 4, dict(mins=[1.0]), "mins"),
+    ("scales_f16_int4", 4, lambda a: dict(scales=a["scales"].astype(np.float16)), "scales"),
+    ("scales_u8_int8", 8, lambda a: dict(scales=a["scales"].view(np.uint8)), "scales"),
+    ("mins_uint8", 3, lambda a: dict(mins=a["mins"].view(np.uint8)), "mins"),
+    ("row_scale_missing", 4, dict(row_scale=None), "row_scale"),
+    ("row_scale_extra", 8, lambda a: dict(row_scale=np.ones(5, np.float32)), "row_scale"),
+    ("row_scale_f64", 3, lambda a: dict(row_scale=a["row_scale"].astype(np.float64)), "row_scale"),
+    ("row_scale_shape", 4, lambda a: dict(row_scale=a["row_scale"][:-1].copy()), "row_scale"),
+    ("row_scale_2d", 4, lambda a: dict(row_scale=a["row_scale"][:, None].copy()), "row_scale"),
+    # mixtures of the two int4/int3 encodings
+    ("f16_scales_with_row_scale", 4, lambda a: dict(scales=np.ones(a["scales"].shape, np.float16),
+                                                    mins=np.ones(a["mins"].shape, np.float16)),
+     "row_scale"),
+    ("f16_mins_with_codes", 3, lambda a: dict(mins=a["mins"].astype(np.float16)), "mins"),
+]
+
+BAD_F16 = [  # int4/int3 with f16 group parameters
+    ("mins_missing", 4, dict(mins=None), "mins"),
+    ("mins_f32", 3, lambda a: dict(mins=a["mins"].astype(np.float32)), "mins"),
+    ("mins_codes", 4, lambda a: dict(mins=np.zeros(a["mins"].shape, np.int8)), "mins"),
+    ("scales_shape", 4, lambda a: dict(scales=a["scales"][:-1].copy()), "scales"),
+    ("row_scale_extra", 3, lambda a: dict(row_scale=np.ones(5, np.float32)), "row_scale"),
 ]
 
 
@@ -345,12 +372,25 @@ def test_qlinear_bad_input(name, bits, change, frag):
     a = _args(bits=bits)
     a.update(change(a) if callable(change) else change)
     with pytest.raises(ValueError, match=rf"\b{frag}\b"):
-        _C.qlinear(a["x"], a["bits"], a["group_size"], a["q"], a["qh"], a["scales"], a["mins"])
+        _C.qlinear(a["x"], a["bits"], a["group_size"], a["q"], a["qh"], a["scales"], a["mins"],
+                   a["row_scale"])
+
+
+@pytest.mark.parametrize("name,bits,change,frag", BAD_F16, ids=[b[0] for b in BAD_F16])
+def test_qlinear_bad_input_f16_params(name, bits, change, frag):
+    a = _args(bits=bits, enc="f16")
+    assert a["row_scale"] is None and a["scales"].dtype == np.float16
+    _C.qlinear(a["x"], a["bits"], a["group_size"], a["q"], a["qh"], a["scales"], a["mins"], None)
+    a.update(change(a) if callable(change) else change)
+    with pytest.raises(ValueError, match=rf"\b{frag}\b"):
+        _C.qlinear(a["x"], a["bits"], a["group_size"], a["q"], a["qh"], a["scales"], a["mins"],
+                   a["row_scale"])
 
 
 def test_qlinear_bad_out():
     a = _args()
-    call = lambda out: _C.qlinear(a["x"], 4, 64, a["q"], None, a["scales"], a["mins"], out)
+    call = lambda out: _C.qlinear(a["x"], 4, 64, a["q"], None, a["scales"], a["mins"],
+                                  a["row_scale"], out)
     for out in (np.zeros((2, 4), np.float32), np.zeros((2, 5), np.float64),
                 np.zeros((5, 2), np.float32).T, "no"):
         with pytest.raises(ValueError, match=r"\bout\b"):
@@ -372,10 +412,10 @@ def test_quantize_acts_bad_input():
         _C.quantize_acts(np.zeros((4, 80), np.float32)[:, ::2], 64)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits,enc", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("m", [16, 40])
-def test_prefill_tile_path_matches_plain(bits, group_size, m):
+def test_prefill_tile_path_matches_plain(bits, enc, group_size, m):
     """M >= 16 takes the tiled prefill kernel on VNNI CPUs; it must agree with plain."""
     from runtime.quant.formats import quantize_rtn
 
@@ -386,8 +426,8 @@ def test_prefill_tile_path_matches_plain(bits, group_size, m):
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[2] = 0.0                                      # a zero row
     x[5, :7] = 1e3                                  # a huge block
-    qt = quantize_rtn(w, bits, group_size)
-    args = (bits, group_size, qt.q, qt.qh, qt.scales, qt.mins)
+    qt = quantize_rtn(w, bits, group_size, enc)
+    args = (bits, group_size, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale)
     prev = _C.isa()
     try:
         _C.set_isa("plain")
@@ -410,8 +450,14 @@ def test_cpu_backend_runs_int8_in_two_steps():
     backend = CpuBackend()
     for bits, output, steps in ((8, False, 2), (8, True, 1), (4, False, 1), (3, False, 1)):
         qt = quantize_rtn(make_weights(rng, 11, 300), bits, 32)
-        want = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=steps)
-        other = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, act_steps=3 - steps)
+        want = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, act_steps=steps)
+        other = _C.qlinear(x, bits, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, act_steps=3 - steps)
         got = backend.linear(x, backend.weight(qt, output=output))
         np.testing.assert_array_equal(got, want, err_msg=f"int{bits} output={output}")
         assert not np.array_equal(got, other), f"int{bits}: both step counts agree"
+
+
+def test_scale_table_matches_the_python_format():
+    """The kernels decode int4/int3 scale codes with the same 256 float32 values."""
+    from runtime.quant.formats import SCALE_TABLE
+    np.testing.assert_array_equal(_C.scale_table(), SCALE_TABLE)

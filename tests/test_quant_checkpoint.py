@@ -27,9 +27,10 @@ def tiny(tmp_path_factory):
     return path, cfg, load_weights(path, cfg, "fp32")
 
 
-def _save(tmp_path, tiny, bits, group_size=32, name="q"):
+def _save(tmp_path, tiny, bits, group_size=32, name="q", encoding=None):
     src, cfg, weights = tiny
-    q = quantize_weights(weights, cfg, bits, group_size, "search", progress=False)
+    q = quantize_weights(weights, cfg, bits, group_size, "search", progress=False,
+                         encoding=encoding)
     out = save_quantized(tmp_path / name, src, q, cfg,
                          {"bits": bits, "group_size": group_size, "method": "search"})
     return out, q
@@ -42,7 +43,7 @@ def test_round_trip_bit_identical(tmp_path, tiny, bits):
     cfg2 = ModelConfig.from_dir(out)
     assert is_quantized_checkpoint(cfg2) and not is_quantized_checkpoint(cfg)
     qc = cfg2.quantization_config
-    assert qc["quant_method"] == "lingli" and qc["format_version"] == 1
+    assert qc["quant_method"] == "lingli" and qc["format_version"] == 2
     assert (qc["bits"], qc["group_size"], qc["method"]) == (bits, 32, "search")
     assert qc["quantized_embeddings"] is True
     assert set(qc["modules"]) == {n for n, s in cfg.weight_shapes().items() if len(s) == 2}
@@ -103,7 +104,7 @@ Q0 = "model.layers.0.self_attn.q_proj.weight"
 def test_wrong_group_size_in_config(tmp_path, tiny):
     out, _ = _save(tmp_path, tiny, 4, group_size=32)
     cfg = _rewrite(out, change_qc=lambda qc: qc.update(group_size=64))
-    with pytest.raises(CheckpointError, match=r"scales' is F16 \[\d+, 2\], expected F16 \[\d+, 1\]") as e:
+    with pytest.raises(CheckpointError, match=r"scales' is U8 \[\d+, 2\], expected U8 \[\d+, 1\]") as e:
         load_quantized(out, cfg)
     assert "group size 64" in str(e.value)
 
@@ -124,8 +125,28 @@ def test_wrong_dtype_of_part(tmp_path, tiny):
     def f32(t):
         t[Q0 + ".scales"] = t[Q0 + ".scales"].astype(np.float32)
     cfg = _rewrite(out, change_tensors=f32)
-    with pytest.raises(CheckpointError, match=rf"{Q0}\.scales.*F32.*expected F16"):
+    with pytest.raises(CheckpointError, match=rf"{Q0}\.scales.*F32.*expected U8"):
         load_quantized(out, cfg)
+
+
+def test_missing_row_scale(tmp_path, tiny):
+    out, q = _save(tmp_path, tiny, 3, encoding="codes")
+    assert q[Q0].coded
+    cfg = _rewrite(out, change_tensors=lambda t: t.pop(Q0 + ".row_scale"))
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{Q0}\.row_scale'.*int3"):
+        load_quantized(out, cfg)
+
+
+def test_version_1_checkpoints_still_load(tmp_path, tiny):
+    """Version 1 knew only f16 group parameters; they are still a valid encoding."""
+    src, cfg0, weights = tiny
+    q = quantize_weights(weights, cfg0, 4, 32, "search", progress=False, encoding="f16")
+    out = save_quantized(tmp_path / "v1", src, q, cfg0,
+                         {"bits": 4, "group_size": 32, "method": "search"})
+    cfg = _rewrite(out, change_qc=lambda qc: qc.update(format_version=1))
+    got = load_quantized(out, cfg)
+    assert not got[Q0].coded and got[Q0].scales.dtype == np.float16
+    np.testing.assert_array_equal(got[Q0].dequantize(), q[Q0].dequantize())
 
 
 def test_unsupported_bits(tmp_path, tiny):
@@ -140,8 +161,8 @@ def test_unsupported_group_size_and_version(tmp_path, tiny):
     cfg = _rewrite(out, change_qc=lambda qc: qc.update(group_size=48))
     with pytest.raises(CheckpointError, match="unsupported group size 48"):
         load_quantized(out, cfg)
-    cfg = _rewrite(out, change_qc=lambda qc: qc.update(group_size=32, format_version=2))
-    with pytest.raises(CheckpointError, match="format_version 2"):
+    cfg = _rewrite(out, change_qc=lambda qc: qc.update(group_size=32, format_version=3))
+    with pytest.raises(CheckpointError, match="format_version 3"):
         load_quantized(out, cfg)
 
 
@@ -197,6 +218,9 @@ def test_config_mismatch_shape(tmp_path, tiny):
 
 
 def test_part_shapes_table():
+    assert part_shapes(3, 64, 10, 100, coded=True) == {
+        "q": ("U8", (10, 32)), "scales": ("U8", (10, 2)), "mins": ("I8", (10, 2)),
+        "row_scale": ("F32", (10,)), "qh": ("U8", (10, 16))}
     assert part_shapes(3, 64, 10, 100) == {"q": ("U8", (10, 32)), "scales": ("F16", (10, 2)),
                                            "mins": ("F16", (10, 2)), "qh": ("U8", (10, 16))}
     assert part_shapes(8, 128, 4, 576) == {"q": ("I8", (4, 640)), "scales": ("F16", (4, 5))}

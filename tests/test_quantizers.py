@@ -7,8 +7,9 @@ import pytest
 from runtime.config import ModelConfig
 from runtime.quant.formats import QuantizedTensor, quantize_rtn
 from runtime.quant.gptq import collect_hessians, default_calibration_text, gptq_quantize
-from runtime.quant.quantize_model import (DEFAULT_GROUP_SIZE, DEFAULT_METHOD, GPTQ_DAMP,
-                                          quantizable_names, quantize_weights, use_more_bits)
+from runtime.quant.quantize_model import (DEFAULT_ENCODING, DEFAULT_GROUP_SIZE, DEFAULT_METHOD,
+                                          GPTQ_DAMP, quantizable_names, quantize_weights,
+                                          use_more_bits)
 from runtime.quant.search import group_error, quantize_search
 from tiny_model import make_tiny_llama
 
@@ -55,13 +56,13 @@ def test_search_per_weight_importance(bits):
         assert group_error(w, s, imp) < 0.95 * group_error(w, r, imp)
 
 
-def test_search_scales_are_f16_and_codes_match_them():
+def test_search_codes_are_nearest_for_the_stored_parameters():
     w = _weights(np.random.default_rng(0), (8, 128))
     qt = quantize_search(w, 4, 32)
-    s = qt.scales.astype(np.float32)[:, :, None]
-    m = qt.mins.astype(np.float32)[:, :, None]
+    s = qt.group_scales()[:, :, None]
+    m = qt.group_mins()[:, :, None]
     g = w.reshape(8, 4, 32)
-    # every code is the nearest one for the stored (f16) scale and min
+    # every code is the nearest one for the stored (decoded) scale and min
     inv = np.where(s != 0, 1 / np.where(s == 0, 1, s), 0)
     want = np.clip(np.rint((g - m) * inv), 0, 15).reshape(8, 128)
     np.testing.assert_array_equal(qt.codes(), want)
@@ -260,6 +261,22 @@ def test_gptq_mixed_job_equals_separate_calls(tiny):
     q = quantize_weights(weights, cfg, 3, 32, "gptq", hessians=H, progress=False)
     for nm, bits in (("self_attn.q_proj", 3), ("self_attn.k_proj", 4), ("self_attn.v_proj", 3)):
         name = f"model.layers.0.{nm}.weight"
-        alone = gptq_quantize(weights[name], H[name], bits, 32, damp=GPTQ_DAMP)
+        alone = gptq_quantize(weights[name], H[name], bits, 32, damp=GPTQ_DAMP,
+                              encoding=DEFAULT_ENCODING[bits])
         assert q[name].bits == bits
         assert np.array_equal(q[name].dequantize(), alone.dequantize()), nm
+
+
+def test_gptq_auto_encoding_follows_the_search_quantizer():
+    """GPTQ runs once, in the encoding the search quantizer picks: f16 parameters
+    for weights already on an int4 f16 lattice (kept exactly), codes otherwise."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((12, 128)).astype(np.float32)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    H = x.T @ x
+    lattice = quantize_rtn(w, 4, 32, "f16").dequantize()
+    qt = gptq_quantize(lattice, H, 4, 32)
+    assert qt.encoding == "f16"
+    np.testing.assert_array_equal(qt.dequantize(), lattice)
+    assert gptq_quantize(w, H, 4, 32).encoding == "codes"
+    assert gptq_quantize(w, H, 3, 32, encoding="f16").encoding == "f16"

@@ -2,12 +2,17 @@
 // under qemu by tests/test_neon_qemu.py; the x86 build checks qgemm_plain only).
 //
 // Weights are quantized here by a small RTN that follows runtime/quant/formats.py
-// (f16 scales/mins, codes against the rounded values) and packed into the
-// portable layout. Every kernel is compared with
+// (int8: f16 scales; int4/int3 in both encodings: f16 scales and mins, or
+// scale and min codes under a row scale; codes against the rounded values)
+// and packed into the portable layout; one distribution then sets the group
+// parameters to extreme values (codes: the extreme codes; f16: subnormal,
+// zero and the largest finite halves). Every int4/int3 case runs in both
+// encodings. Every kernel is compared with
 //   * an exact reference: the integer block dots from the unpacked codes, summed
 //     in double (this also checks each kernel's unpacking against the packer),
 //   * qgemm_plain, with tolerance 1e-5 relative to sum_b |d_b|(|s| |isum_b| + |m| |sums_b|).
-// quantize_acts_plain is checked against the formula in qlinear.h.
+// quantize_acts_plain is checked against the formula in qlinear.h, and
+// scale_factor() against 2^((c - 255) / 16).
 //
 //   build: g++ -O2 -std=c++17 -Icsrc csrc/tests/qlinear_test.cpp csrc/qlinear*.cpp csrc/cpu_features.cpp
 //   last line of output: "<P> passed, <F> failed"; exit status 1 if F > 0.
@@ -83,31 +88,73 @@ float f16_to_f32(uint16_t h) {
 }
 
 // --------------------------------------------------- RTN + packing (formats.py)
+// T[c] computed apart from qlinear.h's scale_factor (checked equal in main).
+float scale_step(int c) { return static_cast<float>(std::exp2((c - 255) / 16.0)); }
+
 struct QWeights {
     int bits, group_size;
+    bool coded;  // int4/int3: codes encoding (else f16); int8: false
     int64_t n, k, kp;
     std::vector<int32_t> codes;  // [n, kp] unpacked (signed for int8)
     std::vector<uint8_t> q, qh;
-    std::vector<uint16_t> scales, mins;
+    std::vector<uint16_t> scales, mins;  // int8 (scales), int4/int3 f16 encoding
+    std::vector<uint8_t> scale_codes;    // int4/int3 codes encoding
+    std::vector<int8_t> min_codes;
+    std::vector<float> row_scale;
     QMatrix view() const {
+        const bool f16m = bits != 8 && !coded;
         return QMatrix{bits, group_size, n, k, kp, q.data(), bits == 3 ? qh.data() : nullptr,
-                       scales.data(), bits == 8 ? nullptr : mins.data()};
+                       coded ? nullptr : scales.data(), f16m ? mins.data() : nullptr,
+                       coded ? scale_codes.data() : nullptr, coded ? min_codes.data() : nullptr,
+                       coded ? row_scale.data() : nullptr};
+    }
+    // Group g of row r: s, and m (0 for int8), as the kernels compute them in float.
+    float s(int64_t r, int64_t g) const {
+        const int64_t ng = kp / group_size;
+        return coded ? row_scale[r] * scale_step(scale_codes[r * ng + g]) : f16_to_f32(scales[r * ng + g]);
+    }
+    float m(int64_t r, int64_t g) const {
+        const int64_t ng = kp / group_size;
+        if (bits == 8) return 0.f;
+        return coded ? (s(r, g) * static_cast<float>(min_codes[r * ng + g])) * 0.125f : f16_to_f32(mins[r * ng + g]);
     }
 };
 
-QWeights quantize_rtn(const std::vector<float>& w, int64_t n, int64_t k, int bits, int G) {
+QWeights quantize_rtn(const std::vector<float>& w, int64_t n, int64_t k, int bits, int G, bool coded) {
     QWeights qw;
     qw.bits = bits;
     qw.group_size = G;
+    qw.coded = bits != 8 && coded;
     qw.n = n;
     qw.k = k;
     qw.kp = (k + G - 1) / G * G;
     const int64_t kp = qw.kp, ng = kp / G;
     qw.codes.assign(n * kp, 0);
-    qw.scales.assign(n * ng, 0);
-    if (bits != 8) qw.mins.assign(n * ng, 0);
     const int qmax = (1 << bits) - 1;
+    if (!qw.coded) {
+        qw.scales.assign(n * ng, 0);
+        if (bits != 8) qw.mins.assign(n * ng, 0);
+    } else {
+        qw.scale_codes.assign(n * ng, 0);
+        qw.min_codes.assign(n * ng, 0);
+        qw.row_scale.assign(n, 0.f);
+    }
+    std::vector<float> lo(ng), want(ng);  // per group of the row: min, scale before coding
     for (int64_t r = 0; r < n; ++r) {
+        if (qw.coded) {
+            // A group's s covers its range and its min (|m| <= 16 s, so an
+            // all-equal group's s comes from its min); the row scale is the largest s.
+            for (int64_t g = 0; g < ng; ++g) {
+                float l = INFINITY, h = -INFINITY;
+                for (int64_t c = g * G; c < std::min(k, g * G + G); ++c) {
+                    l = std::min(l, w[r * k + c]);
+                    h = std::max(h, w[r * k + c]);
+                }
+                lo[g] = l;
+                want[g] = std::max((h - l) / static_cast<float>(qmax), std::fabs(l) / 15.f);
+                qw.row_scale[r] = std::max(qw.row_scale[r], want[g]);
+            }
+        }
         for (int64_t g = 0; g < ng; ++g) {
             const int64_t c0 = g * G, c1 = std::min(k, c0 + G);  // real inputs of the group
             const float* src = w.data() + r * k;
@@ -120,18 +167,32 @@ QWeights quantize_rtn(const std::vector<float>& w, int64_t n, int64_t k, int bit
                 qw.scales[r * ng + g] = sh;
                 for (int64_t c = c0; c < c1; ++c)
                     dst[c] = static_cast<int32_t>(std::min(127.f, std::max(-127.f, std::nearbyint(src[c] * inv))));
-            } else {
-                float lo = INFINITY, hi = -INFINITY;
+            } else if (!qw.coded) {  // f16 s and m
+                float l = INFINITY, h = -INFINITY;
                 for (int64_t c = c0; c < c1; ++c) {
-                    lo = std::min(lo, src[c]);
-                    hi = std::max(hi, src[c]);
+                    l = std::min(l, src[c]);
+                    h = std::max(h, src[c]);
                 }
-                const uint16_t mh = f32_to_f16(lo);
+                const uint16_t mh = f32_to_f16(l);
                 const float m = f16_to_f32(mh);
-                const uint16_t sh = f32_to_f16((hi - m) / static_cast<float>(qmax));
+                const uint16_t sh = f32_to_f16((h - m) / static_cast<float>(qmax));
                 const float s = f16_to_f32(sh), inv = s > 0 ? 1.f / s : 0.f;
                 qw.scales[r * ng + g] = sh;
                 qw.mins[r * ng + g] = mh;
+                for (int64_t c = c0; c < c1; ++c)
+                    dst[c] = static_cast<int32_t>(
+                        std::min<float>(qmax, std::max(0.f, std::nearbyint((src[c] - m) * inv))));
+            } else {
+                const float R = qw.row_scale[r];
+                const int sc = want[g] > 0.f && R > 0.f
+                                   ? static_cast<int>(std::min(255.0, std::max(0.0, std::nearbyint(16.0 * std::log2(want[g] / R)) + 255)))
+                                   : 0;
+                qw.scale_codes[r * ng + g] = static_cast<uint8_t>(sc);
+                const float sq = qw.s(r, g);
+                const int mc = sq > 0.f ? static_cast<int>(std::min(127.0, std::max(-128.0, std::nearbyint(8.0 * lo[g] / sq))))
+                                        : 0;
+                qw.min_codes[r * ng + g] = static_cast<int8_t>(mc);
+                const float m = qw.m(r, g), inv = sq > 0 ? 1.f / sq : 0.f;
                 for (int64_t c = c0; c < c1; ++c)
                     dst[c] = static_cast<int32_t>(
                         std::min<float>(qmax, std::max(0.f, std::nearbyint((src[c] - m) * inv))));
@@ -213,7 +274,7 @@ void report(bool ok, const std::string& what) {
 
 // Exact y and the error scale sum_b |d|(|s isum| + |m sums|), in double.
 void exact_reference(const QWeights& w, const QA& a, std::vector<double>& y, std::vector<double>& scale) {
-    const int64_t nb = w.kp / 32, ng = w.kp / w.group_size;
+    const int64_t nb = w.kp / 32;
     y.assign(a.m * w.n, 0.0);
     scale.assign(a.m * w.n, 0.0);
     for (int64_t i = 0; i < a.m; ++i)
@@ -224,8 +285,7 @@ void exact_reference(const QWeights& w, const QA& a, std::vector<double>& y, std
                 for (int c = 0; c < 32; ++c)
                     isum += int64_t(w.codes[r * w.kp + 32 * b + c]) * a.q[i * a.kp + 32 * b + c];
                 const int64_t g = b * 32 / w.group_size;
-                const double s = f16_to_f32(w.scales[r * ng + g]);
-                const double m = w.bits == 8 ? 0.0 : f16_to_f32(w.mins[r * ng + g]);
+                const double s = w.s(r, g), m = w.m(r, g);
                 const double d = a.d[i * nb + b];
                 const double sm = a.sums[i * nb + b];
                 acc += d * (s * double(isum) + m * sm);
@@ -240,13 +300,18 @@ bool close(double got, double want, double scale) {
     return std::isfinite(got) && std::fabs(got - want) <= 1e-5 * scale + 1e-30;
 }
 
-enum class Dist { Uniform, Outliers, Signs, Sparse };
+// Extremes: uniform weights whose int4/int3 group parameters are then set to
+// scale codes 0 / 255 and min codes -128 / 127 (and random ones between), or
+// (f16 encoding) to the smallest and largest subnormal and the largest finite
+// halves, +-0 mins and random normal ones.
+enum class Dist { Uniform, Outliers, Signs, Sparse, Extremes };
 const char* dist_name(Dist d) {
     switch (d) {
         case Dist::Uniform: return "uniform";
         case Dist::Outliers: return "outliers";
         case Dist::Signs: return "signs";
         case Dist::Sparse: return "sparse";
+        case Dist::Extremes: return "extremes";
     }
     return "?";
 }
@@ -257,6 +322,7 @@ float sample(Dist dist) {
         case Dist::Outliers: return (next_u32() % 61 == 0) ? 40.f * uniform() : uniform();
         case Dist::Signs: return (next_u32() & 1) ? 1.f : -1.f;  // int8 codes all +-127
         case Dist::Sparse: return (next_u32() % 3 == 0) ? uniform() : 0.f;  // zero groups too
+        case Dist::Extremes: return uniform();
     }
     return 0.f;
 }
@@ -266,16 +332,34 @@ struct Path {
     QGemmFn fn;
 };
 
-void run_case(int bits, int G, int64_t M, int64_t N, int64_t K, Dist dist, const std::vector<Path>& paths) {
+void run_case(int bits, bool coded, int G, int64_t M, int64_t N, int64_t K, Dist dist,
+              const std::vector<Path>& paths) {
     char tag[160];
-    std::snprintf(tag, sizeof tag, "int%d G=%d M=%lld N=%lld K=%lld %s", bits, G, (long long)M, (long long)N,
-                  (long long)K, dist_name(dist));
+    std::snprintf(tag, sizeof tag, "int%d%s G=%d M=%lld N=%lld K=%lld %s", bits,
+                  bits == 8 ? "" : coded ? " codes" : " f16", G, (long long)M, (long long)N, (long long)K,
+                  dist_name(dist));
     std::vector<float> wf(N * K), xf(M * K);
     for (auto& v : wf) v = sample(dist);
     for (auto& v : xf) v = sample(dist == Dist::Signs ? Dist::Signs : Dist::Uniform);
     if (M > 2 && dist == Dist::Sparse)
         for (int64_t c = 0; c < K; ++c) xf[1 * K + c] = 0.f;  // an all-zero activation row
-    const QWeights w = quantize_rtn(wf, N, K, bits, G);
+    QWeights w = quantize_rtn(wf, N, K, bits, G, coded);
+    if (dist == Dist::Extremes && w.coded)
+        for (size_t j = 0; j < w.scale_codes.size(); ++j) {
+            const uint32_t u = next_u32();
+            w.scale_codes[j] = static_cast<uint8_t>(j % 3 == 0 ? 0 : j % 3 == 1 ? 255 : u & 255);
+            w.min_codes[j] = static_cast<int8_t>(j % 4 == 0 ? -128 : j % 4 == 1 ? 127 : static_cast<int>(u >> 24) - 128);
+        }
+    if (dist == Dist::Extremes && bits != 8 && !w.coded)
+        for (size_t j = 0; j < w.scales.size(); ++j) {
+            const uint32_t u = next_u32();
+            // subnormals 2^-24 and 1023 * 2^-24, 65504, a random normal scale;
+            // mins -0, +0, -65504, 1023 * 2^-24 and random normal ones of either sign
+            static const uint16_t kS[] = {0x0001, 0x03ff, 0x7bff};
+            static const uint16_t kM[] = {0x8000, 0x0000, 0xfbff, 0x03ff};
+            w.scales[j] = j % 4 < 3 ? kS[j % 4] : static_cast<uint16_t>(0x0400 + (u & 0x77ff) % 0x7800);
+            w.mins[j] = j % 5 < 4 ? kM[j % 5] : static_cast<uint16_t>(((u >> 16) & 0x8000) | (0x0400 + (u >> 17) % 0x7800));
+        }
     const QMatrix qm = w.view();
 
     // quantize_acts_plain against the formula
@@ -364,22 +448,25 @@ void check_dispatch() {
     const std::string want = cpu_has_dotprod() ? "neon_dot" : "neon";
     std::printf("dispatcher path: %s\n", path.c_str());
     report(path == want, "qgemm_path() is " + path + ", expected " + want);
-    for (int bits : {8, 4, 3}) {
-        const int64_t M = 5, N = 37, K = 300;
-        std::vector<float> wf(N * K), xf(M * K);
-        for (auto& v : wf) v = uniform();
-        for (auto& v : xf) v = uniform();
-        const QWeights w = quantize_rtn(wf, N, K, bits, 64);
-        std::vector<float> y_neon(M * N, NAN), y_plain(M * N, NAN);
-        set_isa(Isa::Neon);
-        qlinear(xf.data(), M, w.view(), y_neon.data());
-        set_isa(Isa::Plain);
-        qlinear(xf.data(), M, w.view(), y_plain.data());
-        bool ok = true;
-        for (int64_t i = 0; i < M * N && ok; ++i)
-            ok = std::fabs(y_neon[i] - y_plain[i]) <= 1e-5f * (std::sqrt(float(K)) + std::fabs(y_plain[i]));
-        report(ok, "qlinear() neon vs plain int" + std::to_string(bits));
-    }
+    for (int bits : {8, 4, 3})
+        for (bool coded : {false, true}) {
+            if (bits == 8 && coded) continue;
+            const int64_t M = 5, N = 37, K = 300;
+            std::vector<float> wf(N * K), xf(M * K);
+            for (auto& v : wf) v = uniform();
+            for (auto& v : xf) v = uniform();
+            const QWeights w = quantize_rtn(wf, N, K, bits, 64, coded);
+            std::vector<float> y_neon(M * N, NAN), y_plain(M * N, NAN);
+            set_isa(Isa::Neon);
+            qlinear(xf.data(), M, w.view(), y_neon.data());
+            set_isa(Isa::Plain);
+            qlinear(xf.data(), M, w.view(), y_plain.data());
+            bool ok = true;
+            for (int64_t i = 0; i < M * N && ok; ++i)
+                ok = std::fabs(y_neon[i] - y_plain[i]) <= 1e-5f * (std::sqrt(float(K)) + std::fabs(y_plain[i]));
+            report(ok, "qlinear() neon vs plain int" + std::to_string(bits) +
+                           (bits == 8 ? "" : coded ? " codes" : " f16"));
+        }
     set_isa(Isa::Neon);
 #endif
 }
@@ -387,6 +474,11 @@ void check_dispatch() {
 }  // namespace
 
 int main() {
+    {
+        bool ok = true;
+        for (int c = 0; c < 256 && ok; ++c) ok = scale_factor(static_cast<uint8_t>(c)) == scale_step(c);
+        report(ok, "scale_factor(c) == 2^((c - 255) / 16)");
+    }
     std::vector<Path> paths;
 #if defined(__aarch64__)
     paths.push_back({"neon", qgemm_neon});
@@ -403,15 +495,18 @@ int main() {
         {1, 1, 32},    {1, 7, 128},   {1, 33, 4100}, {2, 5, 96},  {3, 9, 200}, {5, 17, 577},
         {17, 11, 320}, {4, 8, 1024},  {17, 3, 33},   {2, 1, 1},   {5, 4, 511}, {1, 64, 2048},
     };
-    const Dist dists[] = {Dist::Uniform, Dist::Outliers, Dist::Signs, Dist::Sparse};
+    const Dist dists[] = {Dist::Uniform, Dist::Outliers, Dist::Signs, Dist::Sparse, Dist::Extremes};
     int which = 0;
     for (int bits : {8, 4, 3})
-        for (int G : {32, 64, 128})
-            for (const auto& sh : shapes) {
-                // every shape with uniform data, and a rotating other distribution
-                run_case(bits, G, sh[0], sh[1], sh[2], Dist::Uniform, paths);
-                run_case(bits, G, sh[0], sh[1], sh[2], dists[1 + (which++ % 3)], paths);
-            }
+        for (bool coded : {false, true}) {  // int4/int3: f16 and codes encodings
+            if (bits == 8 && coded) continue;
+            for (int G : {32, 64, 128})
+                for (const auto& sh : shapes) {
+                    // every shape with uniform data, and a rotating other distribution
+                    run_case(bits, coded, G, sh[0], sh[1], sh[2], Dist::Uniform, paths);
+                    run_case(bits, coded, G, sh[0], sh[1], sh[2], dists[1 + (which++ % 4)], paths);
+                }
+        }
     check_dispatch();
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed ? 1 : 0;

@@ -1,20 +1,26 @@
-"""The Lingli quantized checkpoint (format version 1): save, load, validate.
+"""The Lingli quantized checkpoint (format version 2): save, load, validate.
 
 A directory like a Hugging Face one:
   config.json        the source config plus
                      "quantization_config": {"quant_method": "lingli",
-                        "format_version": 1, "bits": 4, "group_size": 64,
+                        "format_version": 2, "bits": 4, "group_size": 64,
                         "method": "gptq", "quantized_embeddings": true,
                         "modules": [quantized tensor names], ...}
   model.safetensors  for each quantized weight NAME (formats.py layouts):
                         NAME.q       int8 [N, Kp] | uint8 [N, Kp/2] | uint8 [N, Kp/4]
                         NAME.scales  f16 [N, Kp/G]
                         NAME.mins    f16 [N, Kp/G]      (int4, int3)
+                        or, with coded group parameters (int4, int3):
+                        NAME.scales  uint8 [N, Kp/G]    scale codes
+                        NAME.mins    int8 [N, Kp/G]     min codes
+                        NAME.row_scale  f32 [N]
                         NAME.qh      uint8 [N, Kp/8]    (int3)
                      other tensors (norms, biases) float32 under their own names;
                      __metadata__ {"format": "lingli", "lingli.shapes":
                         JSON {NAME: [N, K]}} (K cannot be read off padded arrays)
   tokenizer files    copied from the source
+Version 1 knew only f16 group parameters; version 2 adds the coded ones
+(formats.py), chosen per tensor: a tensor with NAME.row_scale is coded.
 
 Loading is zero-copy: every array is a read-only view of the memory map.
 """
@@ -38,8 +44,8 @@ __all__ = ["save_quantized", "load_quantized", "is_quantized_checkpoint", "QUANT
            "FORMAT_VERSION", "TOKENIZER_FILES"]
 
 QUANT_METHOD = "lingli"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 SHAPES_KEY = "lingli.shapes"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -54,15 +60,21 @@ def is_quantized_checkpoint(config: ModelConfig) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
-def part_shapes(bits: int, group_size: int, n: int, k: int) -> dict[str, tuple[str, tuple]]:
-    """Stored part -> (safetensors dtype, shape) for a [n, k] weight."""
+def part_shapes(bits: int, group_size: int, n: int, k: int,
+                coded: bool = False) -> dict[str, tuple[str, tuple]]:
+    """Stored part -> (safetensors dtype, shape) for a [n, k] weight (coded:
+    int4/int3 with coded group parameters)."""
     kp = padded_k(k, group_size)
     g = kp // group_size
     shapes = {8: {"q": ("I8", (n, kp))}, 4: {"q": ("U8", (n, kp // 2))},
               3: {"q": ("U8", (n, kp // 4)), "qh": ("U8", (n, kp // 8))}}[bits]
-    out = {"q": shapes["q"], "scales": ("F16", (n, g))}
-    if bits != 8:
-        out["mins"] = ("F16", (n, g))
+    if bits == 8:
+        out = {"q": shapes["q"], "scales": ("F16", (n, g))}
+    elif coded:
+        out = {"q": shapes["q"], "scales": ("U8", (n, g)), "mins": ("I8", (n, g)),
+               "row_scale": ("F32", (n,))}
+    else:
+        out = {"q": shapes["q"], "scales": ("F16", (n, g)), "mins": ("F16", (n, g))}
     if bits == 3:
         out["qh"] = shapes["qh"]
     return out
@@ -189,6 +201,7 @@ def load_quantized(path: str | Path, config: ModelConfig) -> dict[str, np.ndarra
     f = p / WEIGHTS_FILE if p.is_dir() else p
     cfg_src = str(p / "config.json" if p.is_dir() else f)
     bits, gs, modules = _check_qc(config.quantization_config, cfg_src)
+    ver = config.quantization_config.get("format_version")
     st = open_safetensors(f)
     expected = config.weight_shapes()
     if modules is None:
@@ -222,28 +235,35 @@ def load_quantized(path: str | Path, config: ModelConfig) -> dict[str, np.ndarra
                                       f"= {fmt!r}: expected [bits in {BITS}, group size in "
                                       f"{GROUP_SIZES}]")
             bits, gs = fmt
+            coded = bits != 8 and ver != 1 and f"{name}.row_scale" in st
+            if (bits != 8 and not coded and f"{name}.scales" in st
+                    and st.meta(f"{name}.scales")[0] == "U8"):
+                raise CheckpointError(f"{f}: missing tensor {name + '.row_scale'!r} (int{bits} "
+                                      f"weights with U8 scale codes need it)")
             meta_shape = shapes_meta.get(name)
             if meta_shape is not None and list(meta_shape) != [n, k]:
                 raise CheckpointError(f"{f}: tensor {name!r} has logical shape {meta_shape} in the "
                                       f"metadata, expected {[n, k]} from config.json")
             arrs = {}
-            for part, (dt, want) in part_shapes(bits, gs, n, k).items():
+            for part, (dt, want) in part_shapes(bits, gs, n, k, coded).items():
                 tn = f"{name}.{part}"
                 if tn not in st:
                     raise CheckpointError(f"{f}: missing tensor {tn!r} (int{bits} weights need "
                                           f"{', '.join(_PARTS[bits])})")
+
                 adt, actual = st.meta(tn)
                 if adt != dt or tuple(actual) != tuple(want):
                     raise CheckpointError(
                         f"{f}: tensor {tn!r} is {adt} {list(actual)}, expected {dt} {list(want)} "
                         f"for int{bits} group size {gs} of a {[n, k]} weight")
                 arrs[part] = st.get(tn)
-            extra = [x for x in ("mins", "qh") if x not in arrs and f"{name}.{x}" in st]
+            extra = [x for x in ("mins", "row_scale", "qh")
+                     if x not in arrs and f"{name}.{x}" in st]
             if extra:
                 raise CheckpointError(f"{f}: tensor {name + '.' + extra[0]!r} does not belong "
                                       f"to an int{bits} checkpoint")
             out[name] = QuantizedTensor(bits, gs, (n, k), arrs["q"], arrs["scales"],
-                                        arrs.get("mins"), arrs.get("qh"))
+                                        arrs.get("mins"), arrs.get("qh"), arrs.get("row_scale"))
         else:
             if name not in st:
                 hint = " (quantized parts exist, but quantization_config.modules omits it)" \

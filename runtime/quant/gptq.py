@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import QuantizedTensor, check_format, from_codes, group_mask, pad_groups, padded_k
-from .search import fit_groups, group_weights
+from .formats import (QuantizedTensor, check_encoding, check_format, from_codes, group_mask,
+                      pad_groups, padded_k, row_scales_of)
+from .search import fit_groups, group_weights, quantize_search
 
 _SUB = 16   # inner lazy-update width; divides every group size
 
@@ -65,7 +66,7 @@ def inverse_hessian_factor(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
 
 def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp: float = 0.01,
                   block: int = 128, act_order: bool = False,
-                  weighted_fit: bool = True) -> QuantizedTensor:
+                  weighted_fit: bool = True, encoding: str = "auto") -> QuantizedTensor:
     """Quantize w float32 [N, K] against the input Hessian H [K, K] (x^T x summed or averaged).
 
     weighted_fit: fit each group's parameters with diag(H) (mean x^2 of each
@@ -73,8 +74,11 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
     synthetic correlated inputs the weighted fit gives 10-25% lower output
     error at int4/int3). damp: 0.01 is the paper's value; quantize_weights
     uses 0.1, which gave lower held-out perplexity on SmolLM2 with 2k
-    calibration tokens."""
+    calibration tokens. encoding (int4/int3): "codes", "f16", or "auto": the
+    one the search quantizer picks for these weights (formats.AUTO_F16_GAIN),
+    so GPTQ itself runs once."""
     check_format(bits, group_size)
+    check_encoding(encoding)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -90,11 +94,16 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
     codes = np.zeros((kp, n), dtype=np.float32)     # transposed while filling
     scales = np.zeros((n, ng), np.float32)
     mins = None if bits == 8 else np.zeros((n, ng), np.float32)
+    if bits != 8 and encoding == "auto":
+        encoding = quantize_search(w, bits, G, hdiag if weighted_fit else None, "auto").encoding
+    # The coded parameters' grid comes from the original weights; its headroom
+    # covers the error updates' drift (formats.row_scales_for).
+    rs = row_scales_of(w, G, bits) if bits != 8 and encoding == "codes" else None
 
     perm = np.argsort(-hdiag, kind="stable") if act_order else np.arange(k)
     if act_order:                                   # static groups from the original weights
         wts = group_weights(hdiag, k, G) if weighted_fit else None
-        scales, m = fit_groups(pad_groups(w, G), bits, mask, wts)
+        scales, m = fit_groups(pad_groups(w, G), bits, mask, wts, rs)
         if mins is not None:
             mins = m
 
@@ -118,7 +127,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
                 gi = col // G
                 if not act_order and col % G == 0:
                     _fit_group(W1[i:i + min(G, k - col)], gi, G, bits, mask, scales, mins,
-                               hdiag[col:col + G] if weighted_fit else None)
+                               hdiag[col:col + G] if weighted_fit else None, rs)
                 s = scales[:, gi].astype(np.float64)
                 m = zero if mins is None else mins[:, gi].astype(np.float64)
                 inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
@@ -134,10 +143,10 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
                 W1[b:] -= U1[a:b, b:].T @ E1[a:b]
         WT[i2:] -= U[i1:i2, i2:].T @ E1
 
-    return from_codes(bits, G, (n, k), np.ascontiguousarray(codes.T), scales, mins)
+    return from_codes(bits, G, (n, k), np.ascontiguousarray(codes.T), scales, mins, rs)
 
 
-def _fit_group(cols, gi, G, bits, mask, scales, mins, hd):
+def _fit_group(cols, gi, G, bits, mask, scales, mins, hd, rs):
     """Fit group gi's (scale, min) on its current columns cols [real, N] (float64)."""
     real, n = cols.shape
     x = np.zeros((n, 1, G), np.float32)
@@ -147,7 +156,7 @@ def _fit_group(cols, gi, G, bits, mask, scales, mins, hd):
         wts = np.zeros((1, G), np.float32)
         mean = hd.mean()
         wts[0, :real] = hd / mean if mean > 0 else 1.0
-    s, m = fit_groups(x, bits, mask[gi:gi + 1], wts)
+    s, m = fit_groups(x, bits, mask[gi:gi + 1], wts, rs)
     scales[:, gi] = s[:, 0]
     if mins is not None:
         mins[:, gi] = m[:, 0]

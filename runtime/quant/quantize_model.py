@@ -24,17 +24,18 @@ import numpy as np
 
 from runtime.config import ModelConfig
 
-from .formats import BITS, GROUP_SIZES, QuantizedTensor, quantize_rtn
+from .formats import BITS, GROUP_SIZES, QuantizedTensor, check_encoding, quantize_rtn
 from .gptq import gptq_quantize
 from .search import quantize_search
 
 __all__ = ["quantize_weights", "quantize_model", "quantizable_names", "DEFAULT_GROUP_SIZE",
-           "DEFAULT_METHOD", "GPTQ_DAMP", "METHODS", "RECIPE",
+           "DEFAULT_ENCODING", "DEFAULT_METHOD", "GPTQ_DAMP", "METHODS", "RECIPE",
            "quantize_float", "default_mix", "use_more_bits"]
 
 METHODS = ("rtn", "search", "gptq")
-# int4 g32 (5.0 bits/weight, like ggml Q4_1) keeps SmolLM2-135M within 0.4% of
-# float perplexity where g64 loses 39%; int3 needs the small groups even more.
+# int4 g32 (4.5 bits/weight with coded group parameters, 5.0 with f16 ones, see
+# DEFAULT_ENCODING) keeps SmolLM2-135M within 0.4% of float perplexity where g64
+# loses 39%; int3 needs the small groups even more.
 DEFAULT_GROUP_SIZE = 32
 # Chosen by held-out perplexity of SmolLM2-135M-Instruct (GPL-3 text, 4096 tokens,
 # ctx 512; fp32 24.78), G=64, calibration 2048 tokens of pydoc topics:
@@ -51,8 +52,15 @@ DEFAULT_GROUP_SIZE = 32
 GPTQ_DAMP = 0.1
 # Bumped whenever the defaults below change what a quantized checkpoint holds;
 # stored in quantization_config so cached copies made by an older recipe are redone.
-RECIPE = 5
+RECIPE = 8
 DEFAULT_METHOD = {8: "search", 4: "search", 3: "gptq"}
+# The int4/int3 group-parameter encoding per bit width (formats.py): int4 fits both
+# and keeps f16 only where it is 1.5x more accurate (SmolLM2-135M, whose weights
+# came from ggml Q4_1, keeps f16 everywhere: +0.32% on GPL-3 / 4096 tokens, where
+# coded parameters give +3.7%; float weights take the codes, 10% fewer bytes).
+# int3 stays f16: its mix with coded int3 matrices measured +4.9% / +7.2% (4096 /
+# all tokens) against f16's +3.1% / +5.4%.
+DEFAULT_ENCODING = {4: "auto", 3: "f16"}
 # The embedding / lm_head format per bit width (see quantize_weights).
 DEFAULT_EMBED_BITS = {8: 8, 4: 8, 3: 8}
 # int3 is a mix, as llama.cpp's Q3_K_M is: the matrices whose 3-bit error costs the
@@ -122,7 +130,8 @@ def _split_rows(qt: QuantizedTensor, sizes: list[int]) -> list[QuantizedTensor]:
         sl = slice(r0, r0 + n)
         pick = lambda a: None if a is None else np.ascontiguousarray(a[sl])  # noqa: E731
         out.append(QuantizedTensor(qt.bits, qt.group_size, (n, qt.shape[1]), pick(qt.q),
-                                   pick(qt.scales), pick(qt.mins), pick(qt.qh)))
+                                   pick(qt.scales), pick(qt.mins), pick(qt.qh),
+                                   pick(qt.row_scale)))
         r0 += n
     return out
 
@@ -172,8 +181,8 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
                      hessians: dict | None = None, progress: bool = True,
                      act_order: bool = False, damp: float | None = None,
                      embed_bits: int | None = None, embed_group_size: int = 32,
-                     mix: dict[str, tuple[int, int]] | None = None
-                     ) -> dict[str, np.ndarray | QuantizedTensor]:
+                     mix: dict[str, tuple[int, int]] | None = None,
+                     encoding: str | None = None) -> dict[str, np.ndarray | QuantizedTensor]:
     """HF name -> float32 array (norms, biases) or QuantizedTensor (every matrix).
 
     hessians: HF name -> H [K, K] from ``collect_hessians``; required for
@@ -185,8 +194,16 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
     output tensor at 6+ bits, Lingli keeps them at int8 by default: on small
     models with tied embeddings a 4-bit output layer costs tens of percent
     of perplexity (SmolLM2-135M int4 g64: +39% either way, g32: +0.4% with an
-    int8 embedding).
+    int8 embedding). encoding: the int4/int3 group parameters, "codes", "f16"
+    or "auto" (per matrix, formats.AUTO_F16_GAIN); None: DEFAULT_ENCODING by
+    each matrix's bit width.
     """
+    if encoding is not None:
+        check_encoding(encoding)
+
+    def enc(b: int) -> str:
+        return encoding or DEFAULT_ENCODING.get(b, "auto")
+
     embed_bits = DEFAULT_EMBED_BITS.get(bits, 8) if embed_bits is None else embed_bits
     mix = default_mix(bits, config.num_layers) if mix is None else mix
     if embed_bits not in BITS:
@@ -232,11 +249,12 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
             jb, jg = (embed_bits, embed_group_size) if is_out else \
                 _mix_format(names[0], mix, bits, group_size)
             if is_out and (jb, jg) != (bits, group_size):
-                qts = [quantize_search(mats[0], jb, jg, _importance(H, is_embed))]
+                qts = [quantize_search(mats[0], jb, jg, _importance(H, is_embed), enc(jb))]
             elif method == "rtn":
-                qts = [quantize_rtn(mats[0], jb, jg)]
+                qts = [quantize_rtn(mats[0], jb, jg, enc(jb))]
             elif method == "search" or is_embed:
-                qts = [quantize_search(m, jb, jg, _importance(H, is_embed)) for m in mats]
+                qts = [quantize_search(m, jb, jg, _importance(H, is_embed), enc(jb))
+                       for m in mats]
             else:
                 if H is None:
                     raise ValueError(f"method 'gptq': no Hessian for {names[0]!r}")
@@ -248,7 +266,8 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
                     part = [m for m, f in zip(mats, fmts) if f == fmt]
                     w = part[0] if len(part) == 1 else np.concatenate(part)
                     qt = gptq_quantize(w, H, *fmt, act_order=act_order,
-                                       damp=GPTQ_DAMP if damp is None else damp)
+                                       damp=GPTQ_DAMP if damp is None else damp,
+                                       encoding=enc(fmt[0]))
                     qts += _split_rows(qt, [m.shape[0] for m in part]) if len(part) > 1 else [qt]
                 order = [i for fmt in dict.fromkeys(fmts) for i, f in enumerate(fmts) if f == fmt]
                 qts = [qt for _, qt in sorted(zip(order, qts), key=lambda t: t[0])]
@@ -266,7 +285,8 @@ def quantize_weights(weights: dict[str, np.ndarray], config: ModelConfig, bits: 
 def quantize_float(src: str | Path, config: ModelConfig, bits: int,
                    group_size: int = DEFAULT_GROUP_SIZE, method: str | None = None,
                    calibration_texts=None, n_tokens: int = 2048, window: int = 512,
-                   progress: bool = True, calibrate: bool | None = None) -> tuple[dict, dict]:
+                   progress: bool = True, calibrate: bool | None = None,
+                   encoding: str | None = None) -> tuple[dict, dict]:
     """A float checkpoint's quantized weights, the one recipe behind `lingli quantize`,
     ``LLM(quant=...)`` and ``quantize_model``. Returns (weights, info for quantization_config).
 
@@ -286,8 +306,11 @@ def quantize_float(src: str | Path, config: ModelConfig, bits: int,
         hessians = collect_hessians(src, calibration_texts, n_tokens=n_tokens, window=window,
                                     progress=progress)
     weights = load_weights(src, config, "fp32")
-    q = quantize_weights(weights, config, bits, group_size, method, hessians, progress)
+    q = quantize_weights(weights, config, bits, group_size, method, hessians, progress,
+                         encoding=encoding)
+    encs = sorted({t.encoding for t in q.values() if isinstance(t, QuantizedTensor) and t.bits != 8})
     info = {"bits": bits, "group_size": group_size, "method": method, "recipe": RECIPE,
+            "group_params": encs,
             "calibration": None if hessians is None else
             {"tokens": n_tokens, "window": window,
              "text": "pydoc_data.topics" if calibration_texts is None else "user"},
@@ -299,7 +322,7 @@ def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
                    group_size: int = DEFAULT_GROUP_SIZE, method: str | None = None,
                    calibration_texts=None, n_tokens: int = 2048, window: int = 512,
                    progress: bool = True, overwrite: bool = False,
-                   calibrate: bool | None = None) -> Path:
+                   calibrate: bool | None = None, encoding: str | None = None) -> Path:
     """Float checkpoint directory -> Lingli quantized checkpoint directory (``quantize_float``)."""
     from .checkpoint import save_quantized
 
@@ -311,5 +334,5 @@ def quantize_model(src: str | Path, out_dir: str | Path, bits: int,
     if calibrate is None:
         calibrate = (method or DEFAULT_METHOD.get(bits, "search")) == "search" and bits < 8
     q, info = quantize_float(src, config, bits, group_size, method, calibration_texts, n_tokens,
-                             window, progress, calibrate)
+                             window, progress, calibrate, encoding)
     return save_quantized(out_dir, src, q, config, info, overwrite=overwrite)

@@ -11,14 +11,15 @@ int4 / int3 (asymmetric), like ggml's ``make_qkx2_quants``:
      shrunk or widened around [min, max];
   2. for each candidate's codes the best (s, m) in closed form (weighted
      least squares in two unknowns); keep the lowest E per group;
-  3. refine: round (s, m) to f16, re-choose the nearest codes against the
-     f16 values, refit (s, m), a couple of times (alternating minimization);
+  3. refine: round (s, m) to what the format stores (formats.py: the
+     row-scale grid), re-choose the nearest codes against the rounded
+     values, refit (s, m), a couple of times (alternating minimization);
   4. RTN (``quantize_rtn``'s parameters) is always a candidate, so the result
      is never worse than RTN on E.
 int8 (symmetric): a short sweep of clipping scales s = f * max|x| / 127 plus a
 least-squares refit; RTN is the f = 1 candidate.
 
-Every E that decides between candidates is measured with f16-rounded
+Every E that decides between candidates is measured with stored (rounded)
 parameters and the codes those parameters give, exactly as the stored tensor
 dequantizes. Everything is vectorized over all groups of a matrix, in row
 chunks that stay cache-sized.
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import (QuantizedTensor, check_format, from_codes, group_mask, pad_groups,
-                      padded_k)
+from .formats import (ENCODINGS, QuantizedTensor, check_encoding, check_format, f16_params,
+                      from_codes, group_mask, pad_groups, padded_k, pick_encoding,
+                      round_group_params, row_scales_of)
 
 __all__ = ["quantize_search", "fit_groups", "nearest_codes", "group_weights", "group_error",
            "magnitude_importance"]
@@ -58,7 +60,7 @@ def _wdot(a: np.ndarray, b: np.ndarray, w: np.ndarray | None) -> np.ndarray:
 
 
 def nearest_codes(x: np.ndarray, s: np.ndarray, m: np.ndarray | None, bits: int) -> np.ndarray:
-    """The nearest codes for x [n, ng, G] given f16-valued s, m [n, ng] (float32 result).
+    """The nearest codes for x [n, ng, G] given stored s, m [n, ng] (float32 result).
 
     Same arithmetic as ``quantize_rtn`` (multiply by 1/s), so RTN's parameters
     reproduce RTN's codes exactly.
@@ -74,7 +76,7 @@ def nearest_codes(x: np.ndarray, s: np.ndarray, m: np.ndarray | None, bits: int)
 
 
 def _exact_error(x, w, s, m, bits):
-    """(codes, E) with f16-valued s, m."""
+    """(codes, E) with stored s, m."""
     q = nearest_codes(x, s, m, bits)
     d = q * s[..., None]
     if m is not None:
@@ -96,8 +98,11 @@ def _ls_asym(L, x, w, sw, swx):
     return s, m, sl, sll, slx, ok
 
 
-def _fit_asym(x, w, mask, bits):
+def _fit_asym(x, w, mask, bits, rs):
     nmax = (1 << bits) - 1
+    # what the format stores: the coded grid under row scales rs, or f16 (rs None)
+    store = (lambda s, m: f16_params(s, m)) if rs is None else \
+        (lambda s, m: round_group_params(s, m, rs))
     rmin, rdelta, nstep = _ASYM_SWEEP[bits]
     if mask is None:
         lo, hi = x.min(axis=-1), x.max(axis=-1)
@@ -105,8 +110,7 @@ def _fit_asym(x, w, mask, bits):
         lo = np.min(np.where(mask, x, np.inf), axis=-1)
         hi = np.max(np.where(mask, x, -np.inf), axis=-1)
     # Incumbent: RTN, with quantize_rtn's exact arithmetic.
-    best_m = _f16(lo)
-    best_s = _f16((hi - best_m) / nmax)
+    best_s, best_m = store((hi - lo) / nmax, lo)
     _, best_e = _exact_error(x, w, best_s, best_m, bits)
 
     sw = np.broadcast_to(float(x.shape[-1]) if w is None else w.sum(-1, dtype=np.float64),
@@ -136,8 +140,8 @@ def _fit_asym(x, w, mask, bits):
         cand_m = np.where(better, m, cand_m)
     found = np.isfinite(cand_e)
 
-    # 3. f16-round, re-code, refit; keep whatever measures best exactly.
-    s16, m16 = _f16(cand_s), _f16(cand_m)
+    # 3. round, re-code, refit; keep whatever measures best exactly.
+    s16, m16 = store(cand_s, cand_m)
     for it in range(_REFINE + 1):
         q, e = _exact_error(x, w, s16, m16, bits)
         better = found & (e < best_e * (1 - _MARGIN))
@@ -148,7 +152,7 @@ def _fit_asym(x, w, mask, bits):
             break
         s, m, *_, ok = _ls_asym(q, x, w, sw, swx)
         found &= ok
-        s16, m16 = _f16(np.where(ok, s, 0)), _f16(np.where(ok, m, 0))
+        s16, m16 = store(np.where(ok, s, 0), np.where(ok, m, 0))
     return best_s, best_m
 
 
@@ -172,16 +176,21 @@ def _fit_sym8(x, w):
 
 
 def fit_groups(x: np.ndarray, bits: int, mask: np.ndarray | None = None,
-               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Best f16-valued (scales, mins) for groups x float32 [n, ng, G].
+               weights: np.ndarray | None = None,
+               row_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Best storable (scales, mins) for groups x float32 [n, ng, G].
 
     mask: bool [ng, G] (False = padding, excluded), weights: float32 [ng, G]
     (per input) or [n, ng, G] (per weight) importance, already zero on
-    padding, or None. Returns float32 [n, ng]
-    arrays holding f16 values (mins None for int8).
+    padding, or None. row_scale: float32 [n], int4/int3 with coded
+    parameters: the grid they are chosen on (formats.row_scales_of); None:
+    f16 parameters. Returns float32 [n, ng] arrays of representable values
+    (mins None for int8).
     """
     x = np.asarray(x, dtype=np.float32)
     n, ng, g = x.shape
+    if row_scale is not None and np.shape(row_scale) != (n,):
+        raise ValueError(f"row_scale has shape {np.shape(row_scale)}, expected [{n}]")
     if weights is None and mask is not None and not mask.all():
         weights = mask.astype(np.float32)
     if mask is not None and mask.all():
@@ -195,7 +204,8 @@ def fit_groups(x: np.ndarray, bits: int, mask: np.ndarray | None = None,
         if bits == 8:
             s, _ = _fit_sym8(xc, wc)
         else:
-            s, m = _fit_asym(xc, wc, mask, bits)
+            s, m = _fit_asym(xc, wc, mask, bits,
+                             None if row_scale is None else row_scale[r0:r0 + rows])
             m_out[r0:r0 + rows] = m
         s_out[r0:r0 + rows] = s
     return s_out, m_out
@@ -244,12 +254,14 @@ def group_error(w: np.ndarray, qt: QuantizedTensor, weights: np.ndarray | None =
 
 
 def quantize_search(w: np.ndarray, bits: int, group_size: int,
-                    weights: np.ndarray | None = None) -> QuantizedTensor:
+                    weights: np.ndarray | None = None, encoding: str = "auto") -> QuantizedTensor:
     """Quantize w float32 [N, K] with per-group parameters that minimize the
     squared error, weighted by `weights`: [K] per input channel (e.g. mean x^2
     of each input from calibration), [N, K] per weight (e.g.
-    ``magnitude_importance``) or None (plain squared error)."""
+    ``magnitude_importance``) or None (plain squared error). encoding (int4/int3):
+    "codes", "f16" or "auto" (formats.AUTO_F16_GAIN)."""
     check_format(bits, group_size)
+    check_encoding(encoding)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -257,11 +269,16 @@ def quantize_search(w: np.ndarray, bits: int, group_size: int,
     g = pad_groups(w, group_size)
     mask = group_mask(k, group_size)
     wts = group_weights(weights, k, group_size)
-    s, m = fit_groups(g, bits, mask, wts)
-    rows = max(1, CHUNK_ELEMS * 4 // g[0].size)
-    codes = np.empty(g.shape, np.int8 if bits == 8 else np.uint8)
-    for r0 in range(0, n, rows):
-        sl = slice(r0, r0 + rows)
-        q = nearest_codes(g[sl], s[sl], None if m is None else m[sl], bits)
-        codes[sl] = np.where(mask[None], q, 0)
-    return from_codes(bits, group_size, (n, k), codes, s, m)
+    encs = ("codes",) if bits == 8 else ENCODINGS if encoding == "auto" else (encoding,)
+    out = {}
+    for enc in encs:
+        rs = row_scales_of(w, group_size, bits) if bits != 8 and enc == "codes" else None
+        s, m = fit_groups(g, bits, mask, wts, rs)
+        rows = max(1, CHUNK_ELEMS * 4 // g[0].size)
+        codes = np.empty(g.shape, np.int8 if bits == 8 else np.uint8)
+        for r0 in range(0, n, rows):
+            sl = slice(r0, r0 + rows)
+            q = nearest_codes(g[sl], s[sl], None if m is None else m[sl], bits)
+            codes[sl] = np.where(mask[None], q, 0)
+        out[enc] = from_codes(bits, group_size, (n, k), codes, s, m, rs)
+    return pick_encoding(w, out, weights)
