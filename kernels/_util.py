@@ -29,6 +29,24 @@ def autotune(configs: list, key: list[str], **kw):
     return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key, **kw)
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def shape_str(a) -> str:
+    """A tensor's shape, or the type of whatever was passed instead (error messages)."""
+    return str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+
+
+def check_tensor(op: str, name: str, a, dims: tuple[str, ...], floats: bool = True) -> None:
+    """ValueError naming `op` unless `a` is a tensor with one dimension per name
+    in `dims` and, with `floats`, a float32/float16/bfloat16 dtype."""
+    if not isinstance(a, torch.Tensor) or a.dim() != len(dims):
+        raise ValueError(f"{op}: {name} must be a {len(dims)}-D tensor [{', '.join(dims)}], "
+                         f"got {shape_str(a)}")
+    if floats and a.dtype not in FLOATS:
+        raise ValueError(f"{op}: {name} dtype must be float32, float16 or bfloat16, got {a.dtype}")
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cdiv, device, out_buffer
+from ._util import FLOATS, cdiv, check_tensor, device, out_buffer
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -29,11 +28,7 @@ def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, F, BLOCK: tl.constex
 
 def _check(gate, up) -> None:
     for name, a in (("gate", gate), ("up", up)):
-        if not isinstance(a, torch.Tensor) or a.dim() != 2:
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(f"silu_mul: {name} must be a 2-D tensor [T, F], got {shape}")
-        if a.dtype not in _FLOATS:
-            raise ValueError(f"silu_mul: {name} dtype must be float32, float16 or bfloat16, got {a.dtype}")
+        check_tensor("silu_mul", name, a, ("T", "F"))
     if up.shape != gate.shape:
         raise ValueError(f"silu_mul: up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     if up.dtype != gate.dtype:

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import autotune
+from ._util import autotune, check_tensor
+from ._util import shape_str as _shape
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
 
@@ -204,10 +204,6 @@ def _kv_write_kernel(KC, VC, Kn, Vn, Tables, Pos, Seq,
 
 # ------------------------------------------------------------ input checks --
 
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -215,9 +211,7 @@ def _need(cond: bool, msg: str) -> None:
 
 def _check_cache(op: str, k_cache, v_cache) -> None:
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _need(isinstance(c, torch.Tensor) and c.dim() == 4,
-              f"{op}: {name} must be a 4-D tensor [num_blocks, Hkv, block_size, Dh], got {_shape(c)}")
-        _need(c.dtype in _FLOATS, f"{op}: {name} dtype must be float32, float16 or bfloat16, got {c.dtype}")
+        check_tensor(op, name, c, ("num_blocks", "Hkv", "block_size", "Dh"))
         _need(c.stride(-1) == 1, f"{op}: {name} must be contiguous along Dh")
     _need(v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype,
           f"{op}: v_cache {_shape(v_cache)} {v_cache.dtype} must match "
@@ -284,8 +278,7 @@ def _check_positions(op: str, tables, positions, seq_ids, block_size: int, num_b
 def _check_attention(q, k_cache, v_cache, block_tables, positions, seq_ids, trusted: bool = False):
     op = "paged_attention"
     _check_cache(op, k_cache, v_cache)
-    _need(isinstance(q, torch.Tensor) and q.dim() == 3,
-          f"{op}: q must be a 3-D tensor [T, Hq, Dh], got {_shape(q)}")
+    check_tensor(op, "q", q, ("T", "Hq", "Dh"), floats=False)
     _need(q.dtype == k_cache.dtype, f"{op}: q dtype {q.dtype} must match the cache dtype {k_cache.dtype}")
     _need(q.device == k_cache.device == v_cache.device, f"{op}: q, k_cache and v_cache must be on one device")
     _need(q.stride(-1) == 1, f"{op}: q must be contiguous along Dh")

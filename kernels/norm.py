@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import device, out_buffer
+from ._util import FLOATS, check_tensor, device, out_buffer, shape_str
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # A row up to this many elements is held in registers (one read of x); longer
 # rows are streamed twice in chunks of this size.
 _MAX_BLOCK = 8192
@@ -47,15 +46,11 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, H, eps,
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"rms_norm: x must be a 2-D tensor [T, H], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"rms_norm: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    check_tensor("rms_norm", "x", x, ("T", "H"))
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[1],):
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"rms_norm: weight must be [H] = [{x.shape[1]}] (H from x), got {shape}")
-    if weight.dtype not in _FLOATS:
+        raise ValueError(f"rms_norm: weight must be [H] = [{x.shape[1]}] (H from x), "
+                         f"got {shape_str(weight)}")
+    if weight.dtype not in FLOATS:
         raise ValueError(f"rms_norm: weight dtype must be a float type, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")

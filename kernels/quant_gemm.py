@@ -46,11 +46,10 @@ import triton.language as tl
 
 from runtime.quant.formats import QuantizedTensor, check_format, padded_k
 
-from ._util import autotune, cdiv, interpreting
+from ._util import FLOATS, autotune, cdiv, check_tensor, interpreting
 from ._util import device as default_device
 
 SPLITK_MAX_M = 16          # the decode kernel pads M to one 16-row dot tile
-_FLOATS = (torch.float16, torch.float32, torch.bfloat16)
 # the packed K rows per int32 word of the main plane (int8 is one byte per row)
 _K_PER_WORD = {8: 1, 4: 8, 3: 16}
 
@@ -304,13 +303,11 @@ def _tiled_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, m_ptr, y_ptr, M, N, K, Kp, strid
 def _check(x: torch.Tensor, pw: PackedWeight, kernel: str) -> None:
     if not isinstance(pw, PackedWeight):
         raise ValueError(f"quant_matmul: pw must be a PackedWeight (see repack), got {type(pw).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"quant_matmul: x must be a 2-D tensor [M, K], got {shape}")
+    check_tensor("quant_matmul", "x", x, ("M", "K"), floats=False)
     if x.shape[1] != pw.k:
         raise ValueError(f"quant_matmul: x has K={x.shape[1]} inputs but the weight [{pw.n}, {pw.k}] "
                          f"expects K={pw.k}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise ValueError(f"quant_matmul: x dtype must be float16 or float32 (bfloat16 on a GPU), "
                          f"got {x.dtype}")
     if x.dtype == torch.bfloat16 and interpreting():

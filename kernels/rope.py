@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cdiv, device
+from ._util import FLOATS, cdiv, check_tensor, device
+from ._util import shape_str as _shape
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_TILE = 4096  # heads x pairs per program, so the tile stays in registers
 
 
@@ -48,15 +48,8 @@ def _rope_kernel(X, POS, COS, SIN, stride_xt, stride_xh, stride_c, H, HALF,
     tl.store(p2, (x2 * c + x1 * s).to(X.dtype.element_ty), mask=mask)
 
 
-def _shape(a) -> str:
-    return str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-
-
 def _check(x, positions, cos, sin, check_positions: bool) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"rope_: x must be a 3-D tensor [T, H, Dh], got {_shape(x)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"rope_: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    check_tensor("rope_", "x", x, ("T", "H", "Dh"))
     T, H, Dh = x.shape
     if x.stride(2) != 1 and Dh > 1:
         raise ValueError(f"rope_: each head's Dh values must be contiguous (x.stride(2) == 1), "
@@ -65,11 +58,10 @@ def _check(x, positions, cos, sin, check_positions: bool) -> None:
         raise ValueError(f"rope_: positions must be [T] = [{T}] (T from x), got {_shape(positions)}")
     if positions.dtype != torch.int32:
         raise ValueError(f"rope_: positions must be int32, got {positions.dtype}")
-    if not isinstance(cos, torch.Tensor) or cos.dim() != 2:
-        raise ValueError(f"rope_: cos must be a 2-D tensor [P, R/2], got {_shape(cos)}")
+    check_tensor("rope_", "cos", cos, ("P", "R/2"), floats=False)
     if not isinstance(sin, torch.Tensor) or sin.shape != cos.shape:
         raise ValueError(f"rope_: sin must have cos's shape {tuple(cos.shape)}, got {_shape(sin)}")
-    if cos.dtype not in _FLOATS or sin.dtype not in _FLOATS:
+    if cos.dtype not in FLOATS or sin.dtype not in FLOATS:
         raise ValueError(f"rope_: cos/sin must be float tensors, got {cos.dtype}/{sin.dtype}")
     if 2 * cos.shape[1] > Dh:
         raise ValueError(f"rope_: rotary dim R = 2*cos.shape[1] = {2 * cos.shape[1]} exceeds "
