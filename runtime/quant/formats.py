@@ -168,10 +168,18 @@ def row_scales_for(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
 def row_scales_of(w: np.ndarray, group_size: int, bits: int) -> np.ndarray:
     """row_scales_for over the groups of a weight float32 [N, K]."""
     g = pad_groups(np.asarray(w, np.float32), group_size)
-    mask = group_mask(w.shape[1], group_size)[None]
-    lo = np.min(np.where(mask, g, np.inf), axis=2)
-    hi = np.max(np.where(mask, g, -np.inf), axis=2)
-    return row_scales_for(lo, hi, bits)
+    return row_scales_for(*group_range(g, group_mask(w.shape[1], group_size)), bits)
+
+
+def group_range(g: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) [N, Kp/G] of padded groups g [N, Kp/G, G] over the real inputs
+    (mask [Kp/G, G], False on padding)."""
+    return np.min(np.where(mask, g, np.inf), axis=2), np.max(np.where(mask, g, -np.inf), axis=2)
+
+
+def f16_round(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to float16 (what f16 group parameters store)."""
+    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 # ------------------------------------------------------------------ packing
@@ -406,12 +414,6 @@ def from_codes(bits: int, group_size: int, shape: tuple[int, int], codes: np.nda
     return QuantizedTensor(3, group_size, shape, ql, sc, mc, qh, rs)
 
 
-def f16_params(s: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(s, m) rounded to f16 (the f16 encoding), as float32."""
-    return (np.asarray(s, np.float32).astype(np.float16).astype(np.float32),
-            np.asarray(m, np.float32).astype(np.float16).astype(np.float32))
-
-
 def quantize_rtn(w: np.ndarray, bits: int, group_size: int,
                  encoding: str = "auto") -> QuantizedTensor:
     """Round to nearest. int8: s = max|w| / 127. int4/int3: s = (max - min) / qmax, m = min.
@@ -431,18 +433,17 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int,
     mask = group_mask(k, group_size)[None]
     if bits == 8:
         amax = np.max(np.abs(g), axis=2)
-        s = (amax / 127.0).astype(np.float16).astype(np.float32)
+        s = f16_round(amax / 127.0)
         inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
         q = np.clip(np.rint(g * inv[:, :, None]), -127, 127)
         return from_codes(8, group_size, (n, k), np.where(mask, q, 0), s, None)
     qmax = (1 << bits) - 1
-    lo = np.min(np.where(mask, g, np.inf), axis=2)
-    hi = np.max(np.where(mask, g, -np.inf), axis=2)
+    lo, hi = group_range(g, mask)
     out = {}
     for enc in (ENCODINGS if encoding == "auto" else (encoding,)):
         rs = row_scales_for(lo, hi, bits) if enc == "codes" else None
         s, m = (round_group_params((hi - lo) / qmax, lo, rs) if enc == "codes"
-                else f16_params((hi - lo) / qmax, lo))
+                else (f16_round((hi - lo) / qmax), f16_round(lo)))
         inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
         q = np.clip(np.rint((g - m[:, :, None]) * inv[:, :, None]), 0, qmax)
         out[enc] = from_codes(bits, group_size, (n, k), np.where(mask, q, 0), s, m, rs)

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import (ENCODINGS, QuantizedTensor, check_encoding, check_format, f16_params,
-                      from_codes, group_mask, pad_groups, padded_k, pick_encoding,
-                      round_group_params, row_scales_of)
+from .formats import (ENCODINGS, QuantizedTensor, check_encoding, check_format, from_codes,
+                      group_mask, pad_groups, padded_k, pick_encoding, round_group_params,
+                      row_scales_of)
+from .formats import f16_round as _f16
 
 __all__ = ["quantize_search", "fit_groups", "nearest_codes", "group_weights", "group_error",
            "magnitude_importance"]
@@ -40,10 +41,6 @@ _ASYM_SWEEP = {4: (-1.0, 0.1, 20), 3: (-0.5, 0.1, 15)}   # rmin, rdelta, nstep (
 _INT8_FACTORS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9)
 _REFINE = 3
 _MARGIN = 1e-6                 # a candidate must beat the incumbent by this relative amount
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 def _wsum(a: np.ndarray, w: np.ndarray | None) -> np.ndarray:
@@ -101,7 +98,7 @@ def _ls_asym(L, x, w, sw, swx):
 def _fit_asym(x, w, mask, bits, rs):
     nmax = (1 << bits) - 1
     # what the format stores: the coded grid under row scales rs, or f16 (rs None)
-    store = (lambda s, m: f16_params(s, m)) if rs is None else \
+    store = (lambda s, m: (_f16(s), _f16(m))) if rs is None else \
         (lambda s, m: round_group_params(s, m, rs))
     rmin, rdelta, nstep = _ASYM_SWEEP[bits]
     if mask is None:
