@@ -4,7 +4,8 @@
 // positions 0..q_positions[t]: one call covers batched decode (one token per
 // sequence), chunked prefill (many tokens of one sequence) and any mix.
 //
-// Cache layout: k_cache/v_cache [num_blocks, Hkv, block_size, Dh]; key
+// Cache layout: k_cache/v_cache [num_blocks, Hkv, block_size, Dh] in float32
+// or IEEE half (raw uint16 bits; half the bytes a decode step reads); key
 // position p lives in block block_table[p / block_size], slot p % block_size,
 // so within one block the slots of a kv head are contiguous rows of Dh floats.
 // Query head h reads kv head h / (Hq / Hkv) (grouped-query attention).
@@ -32,35 +33,52 @@
 namespace lingli {
 namespace {
 
+// KV element loads: float32 as is, IEEE half widened (the hardware
+// conversion on aarch64, where __fp16 is native; software elsewhere, the
+// plain reference).
+inline float kv_load(const float* p) { return *p; }
+inline float kv_load(const uint16_t* p) {
+#if defined(__aarch64__)
+    __fp16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return static_cast<float>(h);
+#else
+    return half_to_float(*p);
+#endif
+}
+
+template <typename KV>
 struct AttnKernels {
     // s[j] = scale * dot(q, k + j*Dh) for j < n
-    void (*scores)(const float* q, const float* k, int64_t n, int64_t Dh, float scale, float* s);
+    void (*scores)(const float* q, const KV* k, int64_t n, int64_t Dh, float scale, float* s);
     // acc += sum_j p[j] * v[j*Dh .. j*Dh+Dh)
-    void (*accum)(const float* p, const float* v, int64_t n, int64_t Dh, float* acc);
+    void (*accum)(const float* p, const KV* v, int64_t n, int64_t Dh, float* acc);
     // s[j] = exp(s[j] - mx) for j < n; returns the sum
     double (*exp_sum)(float* s, int64_t n, float mx);
 };
 
 // ---------------------------------------------------------------- plain ---
 
-void scores_plain(const float* q, const float* k, int64_t n, int64_t Dh, float scale, float* s) {
+template <typename KV>
+void scores_plain(const float* q, const KV* k, int64_t n, int64_t Dh, float scale, float* s) {
     for (int64_t j = 0; j < n; ++j) {
-        const float* kr = k + j * Dh;
+        const KV* kr = k + j * Dh;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t d = 0;
         for (; d + 8 <= Dh; d += 8)
-            for (int i = 0; i < 8; ++i) acc[i] += q[d + i] * kr[d + i];
+            for (int i = 0; i < 8; ++i) acc[i] += q[d + i] * kv_load(kr + d + i);
         float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; d < Dh; ++d) sum += q[d] * kr[d];
+        for (; d < Dh; ++d) sum += q[d] * kv_load(kr + d);
         s[j] = scale * sum;
     }
 }
 
-void accum_plain(const float* p, const float* v, int64_t n, int64_t Dh, float* acc) {
+template <typename KV>
+void accum_plain(const float* p, const KV* v, int64_t n, int64_t Dh, float* acc) {
     for (int64_t j = 0; j < n; ++j) {
         const float pj = p[j];
-        const float* vr = v + j * Dh;
-        for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * vr[d];
+        const KV* vr = v + j * Dh;
+        for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * kv_load(vr + d);
     }
 }
 
@@ -73,60 +91,86 @@ double exp_sum_plain(float* s, int64_t n, float mx) {
     return sum;
 }
 
-const AttnKernels kPlain = {scores_plain, accum_plain, exp_sum_plain};
+template <typename KV>
+const AttnKernels<KV> kPlain = {scores_plain<KV>, accum_plain<KV>, exp_sum_plain};
 
 #if defined(__x86_64__)
 // ----------------------------------------------------------------- AVX2 ---
 
+LINGLI_TARGET_AVX2 inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+LINGLI_TARGET_AVX2 inline __m256 ld8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Head dims are small (64-128): two accumulators are enough.
-LINGLI_TARGET_AVX2 void scores_avx2(const float* q, const float* k, int64_t n, int64_t Dh,
+template <typename KV>
+LINGLI_TARGET_AVX2 void scores_avx2(const float* q, const KV* k, int64_t n, int64_t Dh,
                                     float scale, float* s) {
     for (int64_t j = 0; j < n; ++j) {
-        const float* kr = k + j * Dh;
+        const KV* kr = k + j * Dh;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
         int64_t d = 0;
         for (; d + 16 <= Dh; d += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(kr + d + 8), a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), ld8(kr + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), ld8(kr + d + 8), a1);
         }
         for (; d + 8 <= Dh; d += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), ld8(kr + d), a0);
         float sum = hsum256(_mm256_add_ps(a0, a1));
-        for (; d < Dh; ++d) sum += q[d] * kr[d];
+        for (; d < Dh; ++d) sum += q[d] * kv_load(kr + d);
         s[j] = scale * sum;
     }
 }
 
-LINGLI_TARGET_AVX2 void accum_avx2(const float* p, const float* v, int64_t n, int64_t Dh,
+template <typename KV>
+LINGLI_TARGET_AVX2 void accum_avx2(const float* p, const KV* v, int64_t n, int64_t Dh,
                                    float* acc) {
     for (int64_t j = 0; j < n; ++j) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* vr = v + j * Dh;
+        const KV* vr = v + j * Dh;
         int64_t d = 0;
         for (; d + 8 <= Dh; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc + d)));
-        for (; d < Dh; ++d) acc[d] += p[j] * vr[d];
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, ld8(vr + d), _mm256_loadu_ps(acc + d)));
+        for (; d < Dh; ++d) acc[d] += p[j] * kv_load(vr + d);
     }
 }
 
-const AttnKernels kAvx2 = {scores_avx2, accum_avx2, exp_sum_plain};
+template <typename KV>
+const AttnKernels<KV> kAvx2 = {scores_avx2<KV>, accum_avx2<KV>, exp_sum_plain};
 
 // -------------------------------------------------------------- AVX-512 ---
 
-LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t n, int64_t Dh,
+LINGLI_TARGET_AVX512 inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+LINGLI_TARGET_AVX512 inline __m512 ld16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+LINGLI_TARGET_AVX512 inline __m512 ld16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+// (A head dim off the multiple of 16: the tail goes through a buffer, as the
+// masked 16-bit load needs AVX512BW, which the AVX-512 path does not ask for.)
+LINGLI_TARGET_AVX512 inline __m512 ld16(__mmask16 m, const uint16_t* p) {
+    alignas(32) uint16_t t[16] = {};
+    for (int i = 0; i < 16; ++i)
+        if (m >> i & 1) t[i] = p[i];
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+}
+LINGLI_TARGET_AVX512 inline __mmask16 lanes(int64_t left) {
+    return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+template <typename KV>
+LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const KV* k, int64_t n, int64_t Dh,
                                         float scale, float* s) {
     for (int64_t j = 0; j < n; ++j) {
-        const float* kr = k + j * Dh;
+        const KV* kr = k + j * Dh;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
         int64_t d = 0;
         for (; d + 32 <= Dh; d += 32) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kr + d), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), _mm512_loadu_ps(kr + d + 16), a1);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), ld16(kr + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), ld16(kr + d + 16), a1);
         }
         for (; d < Dh; d += 16) {
-            const __mmask16 m = Dh - d >= 16 ? static_cast<__mmask16>(0xffff)
-                                             : static_cast<__mmask16>((1u << (Dh - d)) - 1u);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kr + d), a0);
+            const __mmask16 m = lanes(Dh - d);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), ld16(m, kr + d), a0);
         }
         s[j] = scale * hsum512(_mm512_add_ps(a0, a1));
     }
@@ -134,18 +178,19 @@ LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t 
 
 // Head dims up to 128 that are multiples of 16 (all LLaMA-family models) keep
 // the output row in V registers for the whole block of keys.
-template <int V>
-LINGLI_TARGET_AVX512 void accum_avx512_regs(const float* p, const float* v, int64_t n, float* acc) {
+template <int V, typename KV>
+LINGLI_TARGET_AVX512 void accum_avx512_regs(const float* p, const KV* v, int64_t n, float* acc) {
     __m512 a[V];
     for (int i = 0; i < V; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
     for (int64_t j = 0; j < n; ++j) {
         const __m512 pj = _mm512_set1_ps(p[j]);
-        for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * 16 * V + 16 * i), a[i]);
+        for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pj, ld16(v + j * 16 * V + 16 * i), a[i]);
     }
     for (int i = 0; i < V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
 }
 
-LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const float* v, int64_t n, int64_t Dh,
+template <typename KV>
+LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const KV* v, int64_t n, int64_t Dh,
                                        float* acc) {
     switch (Dh) {
         case 32: return accum_avx512_regs<2>(p, v, n, acc);
@@ -156,12 +201,11 @@ LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const float* v, int64_t n
     }
     for (int64_t j = 0; j < n; ++j) {
         const __m512 pj = _mm512_set1_ps(p[j]);
-        const float* vr = v + j * Dh;
+        const KV* vr = v + j * Dh;
         for (int64_t d = 0; d < Dh; d += 16) {
-            const __mmask16 m = Dh - d >= 16 ? static_cast<__mmask16>(0xffff)
-                                             : static_cast<__mmask16>((1u << (Dh - d)) - 1u);
+            const __mmask16 m = lanes(Dh - d);
             const __m512 a = _mm512_maskz_loadu_ps(m, acc + d);
-            _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m, vr + d), a));
+            _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pj, ld16(m, vr + d), a));
         }
     }
 }
@@ -170,8 +214,7 @@ LINGLI_TARGET_AVX512 double exp_sum_avx512(float* s, int64_t n, float mx) {
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t p = 0; p < n; p += 16) {
-        const __mmask16 m = n - p >= 16 ? static_cast<__mmask16>(0xffff)
-                                        : static_cast<__mmask16>((1u << (n - p)) - 1u);
+        const __mmask16 m = lanes(n - p);
         const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + p), vmx));
         _mm512_mask_storeu_ps(s + p, m, e);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
@@ -179,29 +222,30 @@ LINGLI_TARGET_AVX512 double exp_sum_avx512(float* s, int64_t n, float mx) {
     return hsum512(sum);
 }
 
-const AttnKernels kAvx512 = {scores_avx512, accum_avx512, exp_sum_avx512};
+template <typename KV>
+const AttnKernels<KV> kAvx512 = {scores_avx512<KV>, accum_avx512<KV>, exp_sum_avx512};
 #endif  // __x86_64__
 
 // NEON uses the plain kernels: their fixed-width loops auto-vectorize to
 // Advanced SIMD, and attention is a small share of decode time.
-const AttnKernels& kernels_for(Isa isa) {
+template <typename KV>
+const AttnKernels<KV>& kernels_for(Isa isa) {
     switch (isa) {
 #if defined(__x86_64__)
-        case Isa::Avx2: return kAvx2;
-        case Isa::Avx512: return kAvx512;
+        case Isa::Avx2: return kAvx2<KV>;
+        case Isa::Avx512: return kAvx512<KV>;
 #endif
-        default: return kPlain;
+        default: return kPlain<KV>;
     }
 }
 
-}  // namespace
-
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
-                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
-                     const int32_t* q_positions, float* out,
-                     int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
-                     float scale) {
-    const AttnKernels& kern = kernels_for(current_isa());
+template <typename KV>
+void paged_attention_kv(const float* q, const KV* k_cache, const KV* v_cache,
+                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                        const int32_t* q_positions, float* out,
+                        int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
+                        float scale) {
+    const AttnKernels<KV>& kern = kernels_for<KV>(current_isa());
     const int64_t group = Hq / Hkv;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; ++t) max_len = std::max<int64_t>(max_len, int64_t(q_positions[t]) + 1);
@@ -229,7 +273,7 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
             float* o = out + (t * Hq + h0) * Dh;
 
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
-                const float* kb = k_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
+                const KV* kb = k_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
                 for (int64_t j = 0; j < hg; ++j) kern.scores(qv + j * Dh, kb, n, Dh, scale, s.data() + j * len + p0);
             }
@@ -241,7 +285,7 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
             }
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
-                const float* vb = v_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
+                const KV* vb = v_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
                 for (int64_t j = 0; j < hg; ++j) kern.accum(s.data() + j * len + p0, vb, n, Dh, acc.data() + j * Dh);
             }
@@ -253,11 +297,32 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
     }
 }
 
+// One row of keys or values into the cache: float32 as is, half rounded.
+void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+#if defined(__x86_64__)
+LINGLI_TARGET_AVX2 void store_row_f16c(const float* src, uint16_t* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+#endif
+
+void store_row(const float* src, uint16_t* dst, int64_t n) {
+#if defined(__x86_64__)
+    if (current_isa() != Isa::Plain) return store_row_f16c(src, dst, n);
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
 // Scatter the new keys/values of a batch into their cache slots: token t goes
 // to block block_tables[seq_ids[t]][pos / block_size], slot pos % block_size.
-void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
-                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
-                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
+template <typename KV>
+void paged_write_kv(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t table_stride,
+                    const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                    int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
     for (int64_t t = 0; t < T; ++t) {
         const int64_t pos = positions[t];
         const int64_t blk = block_tables[int64_t(seq_ids[t]) * table_stride + pos / block_size];
@@ -265,10 +330,42 @@ void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, in
         for (int64_t h = 0; h < Hkv; ++h) {
             const int64_t dst = ((blk * Hkv + h) * block_size + slot) * Dh;
             const int64_t src = (t * Hkv + h) * Dh;
-            std::copy(k + src, k + src + Dh, k_cache + dst);
-            std::copy(v + src, v + src + Dh, v_cache + dst);
+            store_row(k + src, k_cache + dst, Dh);
+            store_row(v + src, v_cache + dst, Dh);
         }
     }
+}
+
+}  // namespace
+
+void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                     const int32_t* q_positions, float* out, int64_t T, int64_t Hq, int64_t Hkv,
+                     int64_t Dh, int64_t block_size, float scale) {
+    paged_attention_kv(q, k_cache, v_cache, block_tables, table_stride, seq_ids, q_positions, out,
+                       T, Hq, Hkv, Dh, block_size, scale);
+}
+
+void paged_attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                     const int32_t* q_positions, float* out, int64_t T, int64_t Hq, int64_t Hkv,
+                     int64_t Dh, int64_t block_size, float scale) {
+    paged_attention_kv(q, k_cache, v_cache, block_tables, table_stride, seq_ids, q_positions, out,
+                       T, Hq, Hkv, Dh, block_size, scale);
+}
+
+void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
+    paged_write_kv(k_cache, v_cache, block_tables, table_stride, seq_ids, positions, k, v, T, Hkv,
+                   Dh, block_size);
+}
+
+void paged_write(uint16_t* k_cache, uint16_t* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
+    paged_write_kv(k_cache, v_cache, block_tables, table_stride, seq_ids, positions, k, v, T, Hkv,
+                   Dh, block_size);
 }
 
 }  // namespace lingli

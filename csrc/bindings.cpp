@@ -56,6 +56,8 @@ void check_dtype(const py::array& a, const std::string& what, const py::dtype& d
         fail(what + " must be " + name + ", got " + std::string(py::str(a.dtype())));
 }
 
+bool is_f16(const py::array& a) { return a.dtype().kind() == 'f' && a.dtype().itemsize() == 2; }
+
 void check_f32(const py::array& a, const std::string& what, py::ssize_t ndim, const std::string& dims) {
     check_dtype(a, what, py::dtype::of<float>(), "float32");
     check_array(a, what, ndim, dims);
@@ -206,12 +208,24 @@ void softmax_(py::array x) {
     lingli::softmax(xp, M, N);
 }
 
+// The KV cache pair: float32 or float16, both the same; true for float16.
+bool check_kv(const py::array& k_cache, const py::array& v_cache, const std::string& op) {
+    const bool half = is_f16(k_cache);
+    const char* name = half ? "float16" : "float32";
+    if (!half && !k_cache.dtype().is(py::dtype::of<float>()))
+        fail(op + ": k_cache must be float32 or float16, got " + std::string(py::str(k_cache.dtype())));
+    check_array(k_cache, op + ": k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    if (!v_cache.dtype().is(k_cache.dtype()))
+        fail(op + ": v_cache must be " + name + " like k_cache, got " + std::string(py::str(v_cache.dtype())));
+    check_array(v_cache, op + ": v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    return half;
+}
+
 py::array paged_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                           const py::array& block_table, const py::array& q_positions,
                           double scale, const py::object& seq_ids_obj) {
     check_f32(q, "paged_attention: q", 3, "[T, Hq, Dh]");
-    check_f32(k_cache, "paged_attention: k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
-    check_f32(v_cache, "paged_attention: v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    const bool half = check_kv(k_cache, v_cache, "paged_attention");
     const bool batched = block_table.ndim() == 2;
     check_i32(block_table, "paged_attention: block_table", batched ? 2 : 1,
               batched ? "[S, nb]" : "[nb]");
@@ -266,13 +280,17 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
 
     auto out = new_f32({T, Hq, Dh});
     const float* qp = static_cast<const float*>(q.data());
-    const float* kp = static_cast<const float*>(k_cache.data());
-    const float* vp = static_cast<const float*>(v_cache.data());
     float* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        lingli::paged_attention(qp, kp, vp, tables, nb, seq, qpos, op, T, Hq, Hkv, Dh, BS,
-                                static_cast<float>(scale));
+        if (half)
+            lingli::paged_attention(qp, static_cast<const uint16_t*>(k_cache.data()),
+                                    static_cast<const uint16_t*>(v_cache.data()), tables, nb, seq, qpos,
+                                    op, T, Hq, Hkv, Dh, BS, static_cast<float>(scale));
+        else
+            lingli::paged_attention(qp, static_cast<const float*>(k_cache.data()),
+                                    static_cast<const float*>(v_cache.data()), tables, nb, seq, qpos,
+                                    op, T, Hq, Hkv, Dh, BS, static_cast<float>(scale));
     }
     return out;
 }
@@ -280,8 +298,7 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
 void paged_write(py::array k_cache, py::array v_cache, const py::array& block_table,
                  const py::array& seq_ids, const py::array& positions, const py::array& k,
                  const py::array& v) {
-    check_f32(k_cache, "paged_write: k_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
-    check_f32(v_cache, "paged_write: v_cache", 4, "[num_blocks, Hkv, block_size, Dh]");
+    const bool half = check_kv(k_cache, v_cache, "paged_write");
     check_writeable(k_cache, "paged_write: k_cache");
     check_writeable(v_cache, "paged_write: v_cache");
     check_i32(block_table, "paged_write: block_table", 2, "[S, nb]");
@@ -312,17 +329,21 @@ void paged_write(py::array k_cache, py::array v_cache, const py::array& block_ta
             fail("paged_write: block " + std::to_string(b) + " for token " + std::to_string(t) +
                  " is out of range [0, " + std::to_string(NB) + ")");
     }
-    float* kc = static_cast<float*>(k_cache.mutable_data());
-    float* vc = static_cast<float*>(v_cache.mutable_data());
     const float* kp = static_cast<const float*>(k.data());
     const float* vp = static_cast<const float*>(v.data());
     py::gil_scoped_release nogil;
-    lingli::paged_write(kc, vc, tables, nb, sid, pos, kp, vp, T, Hkv, Dh, BS);
+    if (half)
+        lingli::paged_write(static_cast<uint16_t*>(k_cache.mutable_data()),
+                            static_cast<uint16_t*>(v_cache.mutable_data()), tables, nb, sid, pos, kp, vp,
+                            T, Hkv, Dh, BS);
+    else
+        lingli::paged_write(static_cast<float*>(k_cache.mutable_data()),
+                            static_cast<float*>(v_cache.mutable_data()), tables, nb, sid, pos, kp, vp,
+                            T, Hkv, Dh, BS);
 }
 
 // ------------------------------------------------------------ qlinear ----
 
-bool is_f16(const py::array& a) { return a.dtype().kind() == 'f' && a.dtype().itemsize() == 2; }
 
 // dtype: 'h' float16, 'b' int8, 'B' uint8.
 void check_q(const py::array& a, const std::string& what, char dt, std::initializer_list<py::ssize_t> d,

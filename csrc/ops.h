@@ -28,15 +28,24 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t M, int64_t
 // In-place, numerically stable softmax over each row of x[M,N].
 void softmax(float* x, int64_t M, int64_t N);
 
-// One sequence of causal attention over a paged KV cache (see bindings.cpp for
-// the layout). block_table / q_positions must already be validated.
-// k/v [T, Hkv, Dh] into the cache slots of each token (blocks already reserved).
+// The paged KV cache holds float32 or IEEE half (raw uint16 bits); each op
+// below has one overload per element type.
+// k/v [T, Hkv, Dh] into the cache slots of each token (blocks already reserved);
+// half caches round to nearest even, as numpy's astype(float16) does.
 void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
+void paged_write(uint16_t* k_cache, uint16_t* v_cache, const int32_t* block_tables, int64_t table_stride,
                  const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
                  int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
 
 // block_tables [S, table_stride]; seq_ids [T] picks each token's row (nullptr: row 0).
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                     const int32_t* q_positions, float* out,
+                     int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
+                     float scale);
+void paged_attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
                      const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
                      const int32_t* q_positions, float* out,
                      int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
@@ -73,6 +82,29 @@ inline float half_to_float(uint16_t h) {
     float f;
     __builtin_memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+// IEEE binary32 -> binary16, rounding to nearest even (what F16C's vcvtps2ph
+// and numpy's astype(float16) do): overflow to inf, subnormals kept, nan stays nan.
+inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    __builtin_memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)  // inf, or nan (quieted, top payload bits kept)
+        return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+    uint32_t h, rem, half;
+    if (ax >= 0x38800000u) {  // a normal half: rebias the exponent, drop 13 bits
+        const uint32_t r = ax - 0x38000000u;
+        h = r >> 13, rem = r & 0x1fffu, half = 0x1000u;
+    } else {                  // subnormal (or zero): the value in units of 2^-24
+        const uint32_t e = ax >> 23, shift = 126 - e;
+        if (shift > 24) return static_cast<uint16_t>(sign);
+        const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+        h = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    }
+    if (rem > half || (rem == half && (h & 1u))) ++h;  // may carry into the exponent: still right
+    return static_cast<uint16_t>(sign | h);
 }
 
 }  // namespace lingli

@@ -18,15 +18,22 @@ from .kv_cache import BatchKV, PagedKVCache
 from .quant.formats import QuantizedTensor
 
 Weight = np.ndarray | QuantizedTensor
+# KV cache element types: float16 (the default: half the memory, and half the
+# bytes each decode step's attention reads; keys and values round to nearest),
+# or float32.
+KV_DTYPES = ("float16", "float32")
 
 
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, num_threads: int | None = None) -> None:
+    def __init__(self, num_threads: int | None = None, kv_dtype: str = "float16") -> None:
         from . import _C  # the extension; built by setup.py
 
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self._C = _C
+        self.kv_dtype = np.dtype(kv_dtype)
         if num_threads is None:
             num_threads = int(os.environ.get("LINGLI_NUM_THREADS", 0)) or (os.cpu_count() or 1)
         if num_threads < 1:
@@ -94,11 +101,13 @@ class CpuBackend:
                             positions, np.ascontiguousarray(k, dtype=np.float32),
                             np.ascontiguousarray(v, dtype=np.float32))
 
-    # KV storage: float32 numpy, pages mapped lazily (a large pool costs nothing until used).
-    kv_itemsize = 4
+    # KV storage: numpy in kv_dtype, pages mapped lazily (a large pool costs nothing until used).
+    @property
+    def kv_itemsize(self) -> int:
+        return self.kv_dtype.itemsize
 
     def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+        return np.zeros(shape, dtype=self.kv_dtype)
 
     # Array chores the model needs, numpy here.
     def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple[np.ndarray, BatchKV]:

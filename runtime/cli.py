@@ -31,7 +31,7 @@ def _model_args(p: argparse.ArgumentParser, quant: str | None = None,
                         + (f"{quant} for float checkpoints" if quant else "the checkpoint's "
                            "own dtype (bf16 runs as fp32)"))
     g.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
-                   help="inputs per quantization group when quantizing at load (default 64)")
+                   help="inputs per quantization group when quantizing at load (default 32)")
     g.add_argument("--method", default=None, choices=["rtn", "search", "gptq"],
                    help="quantizer when quantizing at load: round-to-nearest, per-group "
                         "scale search, or GPTQ with calibration text (default: per bit width)")
@@ -39,6 +39,9 @@ def _model_args(p: argparse.ArgumentParser, quant: str | None = None,
                    help="CPU threads (default: all cores, or $LINGLI_NUM_THREADS)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"],
+                   help="KV cache element type (default auto: float16 on the CPU, half the "
+                        "memory of float32)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float,
@@ -101,7 +104,8 @@ def _load(a: argparse.Namespace):
     extra = {k: getattr(a, k) for k in ("kv_cache_gb", "max_num_seqs")    # serve's options
              if getattr(a, k, None) is not None}
     llm = LLM(model, quant=quant, num_threads=a.threads, max_model_len=a.max_model_len,
-              group_size=a.group_size, quant_method=a.method, **extra)
+              group_size=a.group_size, quant_method=a.method, kv_cache_dtype=a.kv_cache_dtype,
+              **extra)
     print(f"[lingli] loaded {llm.path} ({llm.quant}, {llm.config.num_layers} layers, "
           f"{llm.backend.name}/{llm.backend.isa}, {llm.backend.num_threads} threads) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)

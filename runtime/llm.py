@@ -56,6 +56,8 @@ class LLM:
     max_model_len: context window; defaults to the model's max_position_embeddings.
     kv_cache_gb: KV pool budget (default DEFAULT_KV_CACHE_GB; at least one full
         context). Pages are mapped lazily, so an unused budget costs nothing.
+    kv_cache_dtype: "auto" (float16 on the CPU; the triton backend's compute
+        dtype), "float16" or "float32" (CPU only).
     max_num_seqs, max_num_batched_tokens: the engine's batch limits.
     enable_prefix_caching: reuse the KV blocks of earlier identical prompt
         prefixes (off for benchmarks that time the same prompt repeatedly).
@@ -67,7 +69,7 @@ class LLM:
                  group_size: int | None = None, quant_method: str | None = None,
                  progress: bool = True, kv_cache_gb: float | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> None:
         from .hub import resolve_model
 
         if quant not in FLOAT_QUANTS and quant not in INT_QUANTS:
@@ -79,10 +81,17 @@ class LLM:
         if quant_method not in (None, *QUANT_METHODS):
             raise LingliError(f"unknown quant_method {quant_method!r}; choose one of "
                               f"{', '.join(QUANT_METHODS)}")
+        if kv_cache_dtype not in ("auto", "float16", "float32"):
+            raise LingliError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose 'auto', "
+                              "'float16' or 'float32'")
         if backend == "cpu":
             from .backend_cpu import CpuBackend
-            self.backend = CpuBackend(num_threads)
+            self.backend = CpuBackend(num_threads, kv_dtype="float16" if kv_cache_dtype == "auto"
+                                      else kv_cache_dtype)
         elif backend == "triton":
+            if kv_cache_dtype != "auto":
+                raise LingliError("backend='triton' keeps its KV cache in its compute dtype; "
+                                  "leave kv_cache_dtype='auto'")
             from .backend_triton import TritonBackend   # imports torch and triton
             self.backend = TritonBackend()
         else:

@@ -204,12 +204,24 @@ ATTN_CASES = [  # (Hq, Hkv, Dh, block_size, prefix_len, T)
 ]
 
 
+# The cache holds float32 or float16 (the runtime's default); a float16 cache is
+# checked against the reference on the float16-rounded keys and values.
+KV_DTYPES = [np.float32, np.float16]
+
+
+def as_kv(dtype, *arrays):
+    """The cache arrays in `dtype` and the values the kernel then sees, in float32."""
+    return [a.astype(dtype) for a in arrays], [a.astype(dtype).astype(np.float32) for a in arrays]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["f32", "f16"])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[str(c) for c in ATTN_CASES])
-def test_paged_attention(isa_threads, case):
+def test_paged_attention(isa_threads, case, kv_dtype):
     hq, hkv, dh, bs, prefix, T = case
     c = ref.single_sequence_case(rng_for("attn", case), *case)
-    q, qpos, k_seq, v_seq = c["q"], c["positions"], c["k_seq"], c["v_seq"]
-    k_cache, v_cache, table = c["k_cache"], c["v_cache"], c["block_table"]
+    q, qpos, table = c["q"], c["positions"], c["block_table"]
+    (k_cache, v_cache), _ = as_kv(kv_dtype, c["k_cache"], c["v_cache"])
+    _, (k_seq, v_seq) = as_kv(kv_dtype, c["k_seq"], c["v_seq"])
     scale = 1.0 / np.sqrt(dh)
     out = _C.paged_attention(q, k_cache, v_cache, table, qpos, scale)
     assert out.shape == (T, hq, dh) and out.dtype == np.float32
@@ -225,8 +237,9 @@ BATCH_CASES = [  # (Hq, Hkv, Dh, block_size, [(prefix_len, new_tokens) per seque
 ]
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["f32", "f16"])
 @pytest.mark.parametrize("case", BATCH_CASES, ids=[str(c[:4]) for c in BATCH_CASES])
-def test_paged_attention_batch(isa_threads, case):
+def test_paged_attention_batch(isa_threads, case, kv_dtype):
     """Many sequences in one call: block_table [S, nb] + seq_ids, blocks interleaved in one pool."""
     hq, hkv, dh, bs, seqs = case
     rng = rng_for("attn-batch", case[:4], len(seqs))
@@ -243,8 +256,8 @@ def test_paged_attention_batch(isa_threads, case):
         nb = -(-L // bs)
         tables[i, :nb] = perm[used:used + nb]
         used += nb
-        k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
-        v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+        _, (k_seq, v_seq) = as_kv(kv_dtype, rng.standard_normal((L, hkv, dh)),
+                                  rng.standard_normal((L, hkv, dh)))
         for p in range(L):
             k_cache[tables[i, p // bs], :, p % bs] = k_seq[p]
             v_cache[tables[i, p // bs], :, p % bs] = v_seq[p]
@@ -257,6 +270,7 @@ def test_paged_attention_batch(isa_threads, case):
     # Interleave the tokens of different sequences: the kernel must not assume runs.
     order = rng.permutation(sum(n for _, n in seqs))
     q = np.ascontiguousarray(np.concatenate(q_parts)[order])
+    (k_cache, v_cache), _ = as_kv(kv_dtype, k_cache, v_cache)
     out = _C.paged_attention(q, k_cache, v_cache, tables, np.concatenate(pos_parts)[order],
                              1 / np.sqrt(dh), np.concatenate(sid_parts)[order])
     np.testing.assert_allclose(out, np.concatenate(want)[order], rtol=1e-5, atol=2e-5)
@@ -294,6 +308,51 @@ def test_paged_write_matches_numpy_scatter():
                        np.array([0], np.int32), k[:1], v[:1])
     with pytest.raises(ValueError, match=r"paged_write: k has shape"):
         _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k[:, :2].copy(), v)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_paged_write_f16_rounds_like_numpy(isa):
+    """A float16 cache gets numpy's astype(float16) bit for bit: ties to even,
+    overflow to inf, subnormals, signed zeros, inf and nan; SIMD and tail lanes."""
+    k_cache, v_cache, tables, seq_ids, pos, k, v = ref.paged_write_case(rng_for("paged-write-f16"))
+    special = np.array([65504, 65519.99, 65520, 7e4, -7e4, 1e-5, 6.1e-5, 6.0e-5, 5.96e-8,
+                        2.9802322e-08, 2.99e-8, 1e-9, -0.0, np.inf, -np.inf, 1 + 2**-11,
+                        1 + 3 * 2**-11, 2049, 2051, -3.3e-6, 0.1, 1 / 3], np.float32)
+    k.reshape(-1)[:special.size] = special
+    v.reshape(-1)[-special.size:] = special[::-1]
+    k_cache, v_cache = k_cache.astype(np.float16), v_cache.astype(np.float16)
+    bs = k_cache.shape[2]
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    blocks = tables[seq_ids, pos // bs]
+    with np.errstate(over="ignore"):  # 7e4 overflows to inf, as it must
+        want_k[blocks, :, pos % bs] = k.astype(np.float16)
+        want_v[blocks, :, pos % bs] = v.astype(np.float16)
+    old = _C.isa()
+    _C.set_isa(isa)
+    try:
+        _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k, v)
+    finally:
+        _C.set_isa(old)
+    np.testing.assert_array_equal(k_cache.view(np.uint16), want_k.view(np.uint16))
+    np.testing.assert_array_equal(v_cache.view(np.uint16), want_v.view(np.uint16))
+    # nan stays nan (numpy and the hardware agree on the quiet bit, not always the payload)
+    k2 = np.full_like(k, np.nan)
+    _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k2, v)
+    assert np.isnan(k_cache[blocks, :, pos % bs]).all()
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(k_cache=np.zeros((3, 2, 16, 8), np.int8)), r"k_cache must be float32 or float16, got int8"),
+    (dict(v_cache=np.zeros((3, 2, 16, 8), np.float16)), r"v_cache must be float32 like k_cache, got float16"),
+    (dict(k_cache=np.zeros((3, 2, 16, 8), np.float16)), r"v_cache must be float16 like k_cache, got float32"),
+])
+def test_paged_kv_dtype_mismatch(over, match):
+    with pytest.raises(ValueError, match="paged_attention: " + match):
+        _C.paged_attention(**attn_args(**over))
+    a = attn_args(**over)
+    with pytest.raises(ValueError, match="paged_write: " + match):
+        _C.paged_write(a["k_cache"], a["v_cache"], np.array([[2, 0]], np.int32), np.zeros(1, np.int32),
+                       np.zeros(1, np.int32), f32(1, 2, 8), f32(1, 2, 8))
 
 
 def test_paged_attention_single_key_is_v():

@@ -17,7 +17,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_dir):
-    return LLM(str(smollm2_dir))
+    # float32 KV: the comparisons with transformers below are the exact fp32 path's
+    # (test_parity_transformers bounds the float16 cache's error).
+    return LLM(str(smollm2_dir), kv_cache_dtype="float32")
 
 
 @pytest.fixture(scope="module")
