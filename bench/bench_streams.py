@@ -6,7 +6,8 @@ and the KV cache's waste under a mixed-length workload.
 
 For each stream count S: S requests (random prompt ids of --prompt tokens,
 greedy, --decode tokens each, EOS ignored) are submitted at once and the
-engine is stepped until all finish. Decode tok/s counts only the steps in
+engine is stepped until all finish (the KV pool committed up front, as
+`lingli serve` does). Decode tok/s counts only the steps in
 which every running request decodes (no prefill in the batch): tokens
 produced / time of those steps. The ratio to S=1 is the batching gain (one
 weight read serves S tokens). Best of --repeats.
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     max_len = max(a.prompt + a.decode, 660) + 8
     llm = load_llm(model_dir, a.quant, a.threads, max_len)
     set_threads(llm, a.threads)
+    llm.cache.commit()      # as `lingli serve` does at startup: no first-touch page faults
     decode_throughput(llm, 2, 8, 4)                          # warm-up
     rows = []
     for s in a.streams:

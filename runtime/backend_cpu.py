@@ -9,6 +9,7 @@ backend.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import replace
 
@@ -101,13 +102,30 @@ class CpuBackend:
                             positions, np.ascontiguousarray(k, dtype=np.float32),
                             np.ascontiguousarray(v, dtype=np.float32))
 
-    # KV storage: numpy in kv_dtype, pages mapped lazily (a large pool costs nothing until used).
+    # KV storage: numpy in kv_dtype over anonymous memory, pages mapped lazily (a
+    # large pool costs nothing until used) unless committed.
     @property
     def kv_itemsize(self) -> int:
         return self.kv_dtype.itemsize
 
     def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=self.kv_dtype)
+        n = int(np.prod(shape)) * self.kv_dtype.itemsize
+        return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=self.kv_dtype,
+                             count=n // self.kv_dtype.itemsize).reshape(shape)
+
+    def kv_commit(self, pool: np.ndarray) -> None:
+        """Map every page of a kv_pool array now: madvise(MADV_POPULATE_WRITE)
+        (Linux 5.14+; ~4x cheaper than faulting page by page), else one write
+        sweep of zeros."""
+        mm = pool.base
+        while mm is not None and not isinstance(mm, mmap.mmap):
+            mm = getattr(mm, "base", None) or getattr(mm, "obj", None)
+        try:
+            if mm is None:
+                raise OSError("not an mmap")
+            mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+        except (OSError, ValueError, AttributeError):
+            pool.fill(0)
 
     # Array chores the model needs, numpy here.
     def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple[np.ndarray, BatchKV]:

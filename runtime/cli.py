@@ -221,6 +221,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if value < 1:
             raise LingliError(f"{flag} must be >= 1, got {value}")
     llm = _load(a)
+    t0 = time.perf_counter()
+    llm.cache.commit()      # the pool's memory now: fail here, not mid-request
+    c = llm.cache
+    print(f"[lingli] KV pool: {c.num_blocks} blocks of {c.block_size} tokens "
+          f"({sum(x.nbytes for x in c.k + c.v) / 2**30:.2f} GiB) committed in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     async_llm = AsyncLLM.from_llm(llm, max_queue=a.max_queue)
     try:
         app = create_app(async_llm, a.served_model_name or str(a.model),

@@ -118,7 +118,8 @@ class LLM:
                 f"context of {self.max_model_len}; raise it or lower max_model_len")
         self.cache = PagedKVCache(self.config.num_layers, max(budget, context), block_size,
                                   self.config.num_kv_heads, self.config.head_dim,
-                                  pool=self.backend.kv_pool)
+                                  pool=self.backend.kv_pool,
+                                  commit=getattr(self.backend, "kv_commit", None))
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
         self._engine_args = dict(max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,

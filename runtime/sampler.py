@@ -313,14 +313,18 @@ class Sampler:
     # -------------------------------------------------------------- sampling
 
     def _prepare(self, logits, prompt_ids, output_ids) -> np.ndarray:
-        """Penalties + padding mask: float32 vector, padded rows at -inf."""
-        x = self.apply_penalties(logits, prompt_ids, output_ids)
-        if np.isnan(x).any():
-            bad = int(np.flatnonzero(np.isnan(x))[0])
-            raise SamplingError(f"logits contain NaN (first at index {bad}); "
-                                "the model produced non-finite output")
+        """Penalties applied, padding rows past vocab_size cut off: a float32 vector.
+
+        Without penalties the logits are not copied (nothing below writes to
+        them): a batch's step samples every sequence, and copying 50k logits
+        each was most of a greedy step's sampling time."""
+        p = self.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            x = self.apply_penalties(logits, prompt_ids, output_ids)
+        else:
+            x = np.asarray(self._check_logits(logits), dtype=np.float32)
         if self.vocab_size is not None and self.vocab_size < x.shape[0]:
-            x[self.vocab_size:] = -np.inf
+            x = x[:self.vocab_size]
         return x
 
     def _distribution(self, logits, prompt_ids, output_ids):
@@ -332,7 +336,10 @@ class Sampler:
         """
         p = self.params
         x = self._prepare(logits, prompt_ids, output_ids)
-        best = int(np.argmax(x))  # first max -> lowest index on ties
+        best = int(np.argmax(x))  # first max -> lowest index on ties; the first NaN if any
+        if np.isnan(x[best]):
+            raise SamplingError(f"logits contain NaN (first at index {best}); "
+                                "the model produced non-finite output")
         if x[best] == -np.inf:
             raise SamplingError("every logit is -inf; nothing can be sampled")
         if p.greedy:
@@ -386,7 +393,7 @@ class Sampler:
         if token is not None:
             out[token] = 1.0
         elif idx is None:
-            out[:] = probs
+            out[:probs.size] = probs       # rows past vocab_size stay 0
         else:
             out[idx] = probs
         return out

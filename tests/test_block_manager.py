@@ -146,3 +146,51 @@ def test_prefix_caching_off_shares_nothing():
     assert bm.allocate_prefix(b, list(range(9))) == 0
     bm.free(a)
     assert bm.pool.num_cached == 0
+
+
+def _resident_pages(a: np.ndarray) -> int:
+    """Pages of `a`'s buffer the kernel has mapped (mincore), Linux only."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = a.ctypes.data // page * page
+    n = -(-(a.ctypes.data + a.nbytes - start) // page)
+    vec = (ctypes.c_ubyte * n)()
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * page), vec) != 0:
+        pytest.skip("mincore failed")
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cpu_pool_is_lazy_until_committed(dtype):
+    """The CPU backend's pool maps no memory until used; commit() maps all of it
+    (what `lingli serve` does at startup) and leaves it zero and writable."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mincore is Linux-only here")
+    from runtime.backend_cpu import CpuBackend
+
+    be = CpuBackend(1, kv_dtype=dtype)
+    cache = PagedKVCache(num_layers=2, num_blocks=512, block_size=16, num_kv_heads=2,
+                         head_dim=64, pool=be.kv_pool, commit=be.kv_commit)
+    arrays = cache.k + cache.v
+    assert all(a.dtype == np.dtype(dtype) for a in arrays)
+    assert sum(_resident_pages(a) for a in arrays) == 0
+    cache.commit()
+    for a in arrays:
+        assert _resident_pages(a) == -(-a.nbytes // 4096)
+        assert not a.any()
+    cache.k[1][3, 1, 2] = 7
+    assert cache.k[1][3, 1, 2, 0] == 7
+
+
+def test_commit_of_a_plain_array_writes_zeros():
+    """A pool that is not over an mmap (another backend's numpy) is committed by writing it."""
+    from runtime.backend_cpu import CpuBackend
+
+    a = np.ones((4, 2, 3), np.float16)
+    CpuBackend(1).kv_commit(a)
+    assert not a.any()

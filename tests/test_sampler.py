@@ -372,3 +372,21 @@ def test_cpu_path_does_not_import_torch():
     code = "import sys, runtime.sampler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0),
+                                    SamplingParams(temperature=0.7, seed=1),
+                                    SamplingParams(temperature=0, repetition_penalty=1.3)],
+                         ids=["greedy", "sampled", "penalized"])
+def test_nan_logits_are_an_error_and_logits_are_never_written(params):
+    x = np.linspace(-1, 1, 12).astype(np.float32)
+    x[7], x[5] = np.nan, np.nan
+    with pytest.raises(SamplingError, match=r"logits contain NaN \(first at index 5\)"):
+        Sampler(params).sample(x.copy(), [1, 2], [3])
+    # a NaN in the padding rows past vocab_size is never looked at
+    y = np.linspace(-1, 1, 12).astype(np.float32)
+    y[10] = np.nan
+    before = y.copy()
+    tok = Sampler(params, vocab_size=10).sample(y, [1, 2], [3])
+    assert 0 <= tok < 10
+    np.testing.assert_array_equal(y, before)   # the caller's logits are untouched
