@@ -47,15 +47,31 @@ inline float kv_load(const uint16_t* p) {
 #endif
 }
 
+// Each kernel takes the nh query heads that share one kv head together, so
+// a SIMD path can load (and widen) each key or value row once for all of them.
 template <typename KV>
 struct AttnKernels {
-    // s[j] = scale * dot(q, k + j*Dh) for j < n
-    void (*scores)(const float* q, const KV* k, int64_t n, int64_t Dh, float scale, float* s);
-    // acc += sum_j p[j] * v[j*Dh .. j*Dh+Dh)
-    void (*accum)(const float* p, const KV* v, int64_t n, int64_t Dh, float* acc);
+    // s[j*ss + i] = scale * dot(q + j*Dh, k + i*Dh) for heads j < nh, keys i < n
+    void (*scores)(const float* q, int64_t nh, const KV* k, int64_t n, int64_t Dh, float scale,
+                   float* s, int64_t ss);
+    // acc[j*Dh ..] += sum_i p[j*ps + i] * v[i*Dh ..] for heads j < nh
+    void (*accum)(const float* p, int64_t ps, int64_t nh, const KV* v, int64_t n, int64_t Dh,
+                  float* acc);
     // s[j] = exp(s[j] - mx) for j < n; returns the sum
     double (*exp_sum)(float* s, int64_t n, float mx);
 };
+
+// A single-head kernel applied to each of nh heads in turn.
+template <typename KV, void (*One)(const float*, const KV*, int64_t, int64_t, float, float*)>
+void scores_each(const float* q, int64_t nh, const KV* k, int64_t n, int64_t Dh, float scale,
+                 float* s, int64_t ss) {
+    for (int64_t j = 0; j < nh; ++j) One(q + j * Dh, k, n, Dh, scale, s + j * ss);
+}
+template <typename KV, void (*One)(const float*, const KV*, int64_t, int64_t, float*)>
+void accum_each(const float* p, int64_t ps, int64_t nh, const KV* v, int64_t n, int64_t Dh,
+                float* acc) {
+    for (int64_t j = 0; j < nh; ++j) One(p + j * ps, v, n, Dh, acc + j * Dh);
+}
 
 // ---------------------------------------------------------------- plain ---
 
@@ -92,7 +108,8 @@ double exp_sum_plain(float* s, int64_t n, float mx) {
 }
 
 template <typename KV>
-const AttnKernels<KV> kPlain = {scores_plain<KV>, accum_plain<KV>, exp_sum_plain};
+const AttnKernels<KV> kPlain = {scores_each<KV, scores_plain<KV>>, accum_each<KV, accum_plain<KV>>,
+                                exp_sum_plain};
 
 #if defined(__x86_64__)
 // ----------------------------------------------------------------- AVX2 ---
@@ -136,7 +153,8 @@ LINGLI_TARGET_AVX2 void accum_avx2(const float* p, const KV* v, int64_t n, int64
 }
 
 template <typename KV>
-const AttnKernels<KV> kAvx2 = {scores_avx2<KV>, accum_avx2<KV>, exp_sum_plain};
+const AttnKernels<KV> kAvx2 = {scores_each<KV, scores_avx2<KV>>, accum_each<KV, accum_avx2<KV>>,
+                               exp_sum_plain};
 
 // -------------------------------------------------------------- AVX-512 ---
 
@@ -173,70 +191,120 @@ LINGLI_TARGET_AVX512 inline void sum8(const __m512* a, float scale, float* out) 
     _mm256_storeu_ps(out, _mm256_mul_ps(_mm512_castps512_ps256(v), _mm256_set1_ps(scale)));
 }
 
-// Keys eight at a time when Dh is a multiple of 16 (every LLaMA-family
-// model): eight dot products share one reduction (sum8); at Dh = 64 the
-// per-key horizontal sums had cost as much as the dot products themselves.
+// One head, one key at a time (any Dh; the tails of the grouped kernel).
 template <typename KV>
-LINGLI_TARGET_AVX512 void scores_avx512(const float* q, const KV* k, int64_t n, int64_t Dh,
-                                        float scale, float* s) {
-    int64_t j = 0;
-    if (Dh % 16 == 0) {
-        for (; j + 8 <= n; j += 8) {
-            __m512 a[8];
-            for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < Dh; d += 16) {
-                const __m512 qd = _mm512_loadu_ps(q + d);
-                for (int i = 0; i < 8; ++i) a[i] = _mm512_fmadd_ps(qd, ld16(k + (j + i) * Dh + d), a[i]);
-            }
-            sum8(a, scale, s + j);
-        }
+LINGLI_TARGET_AVX512 float score1_avx512(const float* q, const KV* kr, int64_t Dh) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t d = 0;
+    for (; d + 32 <= Dh; d += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), ld16(kr + d), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), ld16(kr + d + 16), a1);
     }
-    for (; j < n; ++j) {
-        const KV* kr = k + j * Dh;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        int64_t d = 0;
-        for (; d + 32 <= Dh; d += 32) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), ld16(kr + d), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), ld16(kr + d + 16), a1);
+    for (; d < Dh; d += 16) {
+        const __mmask16 m = lanes(Dh - d);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), ld16(m, kr + d), a0);
+    }
+    return hsum512(_mm512_add_ps(a0, a1));
+}
+
+// H heads (H <= 3) against keys eight at a time, Dh a multiple of 16 (every
+// LLaMA-family model): each key row is loaded and widened once for the H
+// heads, and the eight dot products of a head share one reduction (sum8;
+// at Dh = 64 per-key horizontal sums had cost as much as the products).
+template <int H, typename KV>
+LINGLI_TARGET_AVX512 void scores_heads_avx512(const float* q, const KV* k, int64_t n, int64_t Dh,
+                                              float scale, float* s, int64_t ss) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512 a[H][8];
+        for (int h = 0; h < H; ++h)
+            for (int r = 0; r < 8; ++r) a[h][r] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 16) {
+            __m512 qd[H];
+            for (int h = 0; h < H; ++h) qd[h] = _mm512_loadu_ps(q + h * Dh + d);
+            for (int r = 0; r < 8; ++r) {
+                const __m512 kv = ld16(k + (i + r) * Dh + d);
+                for (int h = 0; h < H; ++h) a[h][r] = _mm512_fmadd_ps(qd[h], kv, a[h][r]);
+            }
         }
-        for (; d < Dh; d += 16) {
-            const __mmask16 m = lanes(Dh - d);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), ld16(m, kr + d), a0);
+        for (int h = 0; h < H; ++h) sum8(a[h], scale, s + h * ss + i);
+    }
+    for (; i < n; ++i)
+        for (int h = 0; h < H; ++h) s[h * ss + i] = scale * score1_avx512(q + h * Dh, k + i * Dh, Dh);
+}
+
+template <typename KV>
+LINGLI_TARGET_AVX512 void scores_avx512(const float* q, int64_t nh, const KV* k, int64_t n, int64_t Dh,
+                                        float scale, float* s, int64_t ss) {
+    if (Dh % 16 != 0) {
+        for (int64_t j = 0; j < nh; ++j)
+            for (int64_t i = 0; i < n; ++i) s[j * ss + i] = scale * score1_avx512(q + j * Dh, k + i * Dh, Dh);
+        return;
+    }
+    for (int64_t j = 0; j < nh; j += 3) {
+        switch (std::min<int64_t>(3, nh - j)) {
+            case 3: scores_heads_avx512<3>(q + j * Dh, k, n, Dh, scale, s + j * ss, ss); break;
+            case 2: scores_heads_avx512<2>(q + j * Dh, k, n, Dh, scale, s + j * ss, ss); break;
+            default: scores_heads_avx512<1>(q + j * Dh, k, n, Dh, scale, s + j * ss, ss); break;
         }
-        s[j] = scale * hsum512(_mm512_add_ps(a0, a1));
     }
 }
 
 // Head dims up to 128 that are multiples of 16 (all LLaMA-family models) keep
-// the output row in V registers for the whole block of keys.
-template <int V, typename KV>
-LINGLI_TARGET_AVX512 void accum_avx512_regs(const float* p, const KV* v, int64_t n, float* acc) {
-    __m512 a[V];
-    for (int i = 0; i < V; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+// the output rows of H heads in H * V registers for the whole block of keys;
+// each value row is loaded and widened once for the H heads.
+template <int H, int V, typename KV>
+LINGLI_TARGET_AVX512 void accum_heads_regs(const float* p, int64_t ps, const KV* v, int64_t n, float* acc) {
+    __m512 a[H][V];
+    for (int h = 0; h < H; ++h)
+        for (int c = 0; c < V; ++c) a[h][c] = _mm512_loadu_ps(acc + h * 16 * V + 16 * c);
     for (int64_t j = 0; j < n; ++j) {
-        const __m512 pj = _mm512_set1_ps(p[j]);
-        for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pj, ld16(v + j * 16 * V + 16 * i), a[i]);
+        __m512 vv[V];
+        for (int c = 0; c < V; ++c) vv[c] = ld16(v + j * 16 * V + 16 * c);
+        for (int h = 0; h < H; ++h) {
+            const __m512 pj = _mm512_set1_ps(p[h * ps + j]);
+            for (int c = 0; c < V; ++c) a[h][c] = _mm512_fmadd_ps(pj, vv[c], a[h][c]);
+        }
     }
-    for (int i = 0; i < V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    for (int h = 0; h < H; ++h)
+        for (int c = 0; c < V; ++c) _mm512_storeu_ps(acc + h * 16 * V + 16 * c, a[h][c]);
+}
+
+// Heads in groups of up to H (H * V + V registers stay under the 32).
+template <int H, int V, typename KV>
+LINGLI_TARGET_AVX512 void accum_groups(const float* p, int64_t ps, int64_t nh, const KV* v, int64_t n,
+                                       float* acc) {
+    for (int64_t j = 0; j < nh; j += H) {
+        const float* pj = p + j * ps;
+        float* aj = acc + j * 16 * V;
+        switch (std::min<int64_t>(H, nh - j)) {
+            case 3: accum_heads_regs<(H >= 3 ? 3 : 1), V>(pj, ps, v, n, aj); break;
+            case 2: accum_heads_regs<(H >= 2 ? 2 : 1), V>(pj, ps, v, n, aj); break;
+            default: accum_heads_regs<1, V>(pj, ps, v, n, aj); break;
+        }
+    }
 }
 
 template <typename KV>
-LINGLI_TARGET_AVX512 void accum_avx512(const float* p, const KV* v, int64_t n, int64_t Dh,
-                                       float* acc) {
+LINGLI_TARGET_AVX512 void accum_avx512(const float* p, int64_t ps, int64_t nh, const KV* v, int64_t n,
+                                       int64_t Dh, float* acc) {
     switch (Dh) {
-        case 32: return accum_avx512_regs<2>(p, v, n, acc);
-        case 64: return accum_avx512_regs<4>(p, v, n, acc);
-        case 96: return accum_avx512_regs<6>(p, v, n, acc);
-        case 128: return accum_avx512_regs<8>(p, v, n, acc);
+        case 32: return accum_groups<3, 2>(p, ps, nh, v, n, acc);
+        case 64: return accum_groups<3, 4>(p, ps, nh, v, n, acc);
+        case 96: return accum_groups<3, 6>(p, ps, nh, v, n, acc);
+        case 128: return accum_groups<2, 8>(p, ps, nh, v, n, acc);
         default: break;
     }
-    for (int64_t j = 0; j < n; ++j) {
-        const __m512 pj = _mm512_set1_ps(p[j]);
-        const KV* vr = v + j * Dh;
-        for (int64_t d = 0; d < Dh; d += 16) {
-            const __mmask16 m = lanes(Dh - d);
-            const __m512 a = _mm512_maskz_loadu_ps(m, acc + d);
-            _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pj, ld16(m, vr + d), a));
+    for (int64_t h = 0; h < nh; ++h) {
+        float* ah = acc + h * Dh;
+        for (int64_t j = 0; j < n; ++j) {
+            const __m512 pj = _mm512_set1_ps(p[h * ps + j]);
+            const KV* vr = v + j * Dh;
+            for (int64_t d = 0; d < Dh; d += 16) {
+                const __mmask16 m = lanes(Dh - d);
+                const __m512 a = _mm512_maskz_loadu_ps(m, ah + d);
+                _mm512_mask_storeu_ps(ah + d, m, _mm512_fmadd_ps(pj, ld16(m, vr + d), a));
+            }
         }
     }
 }
@@ -319,7 +387,7 @@ void paged_attention_kv(const float* q, const KV* k_cache, const KV* v_cache,
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
                 const KV* kb = k_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
-                for (int64_t j = 0; j < hg; ++j) kern.scores(qv + j * Dh, kb, n, Dh, scale, s.data() + j * len + p0);
+                kern.scores(qv, hg, kb, n, Dh, scale, s.data() + p0, len);
             }
             for (int64_t j = 0; j < hg; ++j) {
                 float* sj = s.data() + j * len;
@@ -331,7 +399,7 @@ void paged_attention_kv(const float* q, const KV* k_cache, const KV* v_cache,
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
                 const KV* vb = v_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;
                 const int64_t n = std::min(block_size, len - p0);
-                for (int64_t j = 0; j < hg; ++j) kern.accum(s.data() + j * len + p0, vb, n, Dh, acc.data() + j * Dh);
+                kern.accum(s.data() + p0, len, hg, vb, n, Dh, acc.data());
             }
             for (int64_t j = 0; j < hg; ++j) {
                 const float inv = static_cast<float>(1.0 / sum[j]);

@@ -234,6 +234,9 @@ BATCH_CASES = [  # (Hq, Hkv, Dh, block_size, [(prefix_len, new_tokens) per seque
     (9, 3, 40, 16, [(21, 7), (3, 1), (0, 19)]),                   # prefill chunks mixed with decode
     (2, 1, 7, 5, [(11, 4), (44, 1), (0, 1), (9, 2), (4, 6)]),     # odd block size and head dim
     (8, 2, 64, 16, [(30 + 7 * i, 1) for i in range(9)]),          # 9 decode streams, 4 heads per kv head
+    (6, 3, 32, 16, [(17 + 5 * i, 1) for i in range(6)]),          # Dh 32, 2 heads per kv head
+    (6, 2, 96, 16, [(40, 1), (8, 3), (23, 1), (0, 9)]),            # Dh 96, 3 heads per kv head
+    (10, 2, 128, 8, [(25, 1), (12, 1), (3, 4), (31, 1)]),         # Dh 128, 5 heads per kv head
 ]
 
 
