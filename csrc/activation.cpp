@@ -31,25 +31,32 @@ LINGLI_TARGET_AVX512 static void silu_mul_avx512(const float* gate, const float*
 }
 #endif
 
-void silu_mul(const float* gate, const float* up, float* out, int64_t M, int64_t F) {
-    const int64_t n = M * F;
-    const int nt = threads_for_bytes(n * 12);
+static void silu_mul_span(const float* gate, const float* up, float* out, int64_t i0, int64_t i1) {
 #if defined(__x86_64__)
-    if (current_isa() == Isa::Avx512) {
-        const int64_t chunk = (n + 16 * nt - 1) / (16 * nt) * 16;   // whole vectors per thread
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-        for (int64_t c = 0; c < nt; ++c)
-            if (c * chunk < n) silu_mul_avx512(gate, up, out, c * chunk, std::min(n, (c + 1) * chunk));
-        return;
-    }
+    if (current_isa() == Isa::Avx512) return silu_mul_avx512(gate, up, out, i0, i1);
 #endif
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
         const float g = gate[i];
         // g / (1 + exp(-g)): for g -> -inf, exp overflows to inf and the
         // quotient is -0, the right limit; no nan appears.
         out[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
+}
+
+void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out, int64_t M,
+              int64_t F) {
+    const int nt = threads_for_bytes(M * F * 12);
+    if (ldg == F && ldu == F) {  // one flat range, split in whole vectors
+        const int64_t n = M * F, chunk = (n + 16 * nt - 1) / (16 * nt) * 16;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+        for (int64_t c = 0; c < nt; ++c)
+            if (c * chunk < n) silu_mul_span(gate, up, out, c * chunk, std::min(n, (c + 1) * chunk));
+        return;
+    }
+    // Row-strided inputs (the gate and up halves of the fused [M, 2F] product):
+    // threads take whole rows.
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t m = 0; m < M; ++m) silu_mul_span(gate + m * ldg, up + m * ldu, out + m * F, 0, F);
 }
 
 // Subtracting the row max makes every exponent <= 0, so exp never overflows;

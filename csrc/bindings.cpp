@@ -183,9 +183,24 @@ void rope_(py::array x, const py::array& positions, const py::array& cos,
     lingli::rope(xp, pos, cp, sp, T, H, Dh, half, interleaved);
 }
 
+// A 2-D float32 array whose rows are each contiguous (C-contiguous, or a
+// column slice of one, like the gate and up halves of a fused product);
+// returns the row stride in elements.
+py::ssize_t check_f32_rows(const py::array& a, const std::string& what, const std::string& dims) {
+    check_dtype(a, what, py::dtype::of<float>(), "float32");
+    if (a.ndim() != 2) fail(what + " must be 2-D " + dims + ", got shape " + shape_str(a));
+    const py::ssize_t M = a.shape(0), F = a.shape(1);
+    const bool rows_ok = (F <= 1 || a.strides(1) == 4) && a.strides(0) % 4 == 0 &&
+                         (M <= 1 || a.strides(0) >= F * 4);
+    if (!rows_ok)
+        fail(what + " must have contiguous rows (shape " + shape_str(a) +
+             "); pass numpy.ascontiguousarray(...)");
+    return M <= 1 ? F : a.strides(0) / 4;
+}
+
 py::array silu_mul(const py::array& gate, const py::array& up) {
-    check_f32(gate, "silu_mul: gate", 2, "[M, F]");
-    check_f32(up, "silu_mul: up", 2, "[M, F]");
+    const py::ssize_t ldg = check_f32_rows(gate, "silu_mul: gate", "[M, F]");
+    const py::ssize_t ldu = check_f32_rows(up, "silu_mul: up", "[M, F]");
     const py::ssize_t M = gate.shape(0), F = gate.shape(1);
     check_shape(up, "silu_mul: up", {M, F}, "(same as gate)");
     auto out = new_f32({M, F});
@@ -194,7 +209,7 @@ py::array silu_mul(const py::array& gate, const py::array& up) {
     float* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        lingli::silu_mul(gp, upp, op, M, F);
+        lingli::silu_mul(gp, ldg, upp, ldu, op, M, F);
     }
     return out;
 }

@@ -22,8 +22,10 @@ void rms_norm(const float* x, const float* weight, float* y, int64_t M, int64_t 
 void rope(float* x, const int32_t* positions, const float* cos, const float* sin,
           int64_t T, int64_t H, int64_t Dh, int64_t half_rot, bool interleaved);
 
-// out[M,F] = silu(gate) * up
-void silu_mul(const float* gate, const float* up, float* out, int64_t M, int64_t F);
+// out[M,F] = silu(gate) * up; gate and up rows start ldg / ldu floats apart
+// (F when contiguous; 2F for the halves of a fused gate|up product).
+void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out, int64_t M,
+              int64_t F);
 
 // In-place, numerically stable softmax over each row of x[M,N].
 void softmax(float* x, int64_t M, int64_t N);

@@ -88,7 +88,8 @@ class CpuBackend:
         self._C.rope_(x, positions, cos, sin, interleaved)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return self._C.silu_mul(np.ascontiguousarray(gate), np.ascontiguousarray(up))
+        # Row-strided views (the halves of the fused gate|up product) go in as they are.
+        return self._C.silu_mul(gate, up)
 
     def attention(self, q: np.ndarray, cache: PagedKVCache, layer: int, batch: BatchKV,
                   positions: np.ndarray, scale: float) -> np.ndarray:

@@ -180,6 +180,14 @@ def test_silu_mul(isa_threads, M, F):
     y = _C.silu_mul(g, u)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, ref.silu_mul(g, u), rtol=1e-5, atol=1e-6)
+    # the halves of a fused [M, 2F] gate|up product, passed as row-strided views
+    gu = np.concatenate([g, u], axis=1)
+    np.testing.assert_array_equal(_C.silu_mul(gu[:, :F], gu[:, F:]), y)
+    # rows that are not contiguous are refused, not misread
+    if F > 1:
+        wide = np.repeat(g, 2, axis=1)
+        with pytest.raises(ValueError, match=r"silu_mul: gate must have contiguous rows"):
+            _C.silu_mul(wide[:, ::2], u)
 
 
 @pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (5, 1000), (17, 49152)])
