@@ -338,12 +338,14 @@ const AttnKernels<KV>& kernels_for(Isa isa) {
     }
 }
 
+}  // namespace
+
 template <typename KV>
-void paged_attention_kv(const float* q, const KV* k_cache, const KV* v_cache,
-                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
-                        const int32_t* q_positions, float* out,
-                        int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
-                        float scale) {
+void paged_attention(const float* q, const KV* k_cache, const KV* v_cache,
+                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                     const int32_t* q_positions, float* out,
+                     int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
+                     float scale) {
     const AttnKernels<KV>& kern = kernels_for<KV>(current_isa());
     const int64_t group = Hq / Hkv;
     int64_t max_len = 0;
@@ -409,6 +411,8 @@ void paged_attention_kv(const float* q, const KV* k_cache, const KV* v_cache,
     }
 }
 
+namespace {
+
 // One row of keys or values into the cache: float32 as is, half rounded.
 void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 
@@ -429,12 +433,14 @@ void store_row(const float* src, uint16_t* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
+}  // namespace
+
 // Scatter the new keys/values of a batch into their cache slots: token t goes
 // to block block_tables[seq_ids[t]][pos / block_size], slot pos % block_size.
 template <typename KV>
-void paged_write_kv(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t table_stride,
-                    const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
-                    int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
+void paged_write(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t table_stride,
+                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
+                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
     for (int64_t t = 0; t < T; ++t) {
         const int64_t pos = positions[t];
         const int64_t blk = block_tables[int64_t(seq_ids[t]) * table_stride + pos / block_size];
@@ -448,36 +454,17 @@ void paged_write_kv(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64
     }
 }
 
-}  // namespace
-
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
-                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
-                     const int32_t* q_positions, float* out, int64_t T, int64_t Hq, int64_t Hkv,
-                     int64_t Dh, int64_t block_size, float scale) {
-    paged_attention_kv(q, k_cache, v_cache, block_tables, table_stride, seq_ids, q_positions, out,
-                       T, Hq, Hkv, Dh, block_size, scale);
-}
-
-void paged_attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
-                     const int32_t* q_positions, float* out, int64_t T, int64_t Hq, int64_t Hkv,
-                     int64_t Dh, int64_t block_size, float scale) {
-    paged_attention_kv(q, k_cache, v_cache, block_tables, table_stride, seq_ids, q_positions, out,
-                       T, Hq, Hkv, Dh, block_size, scale);
-}
-
-void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
-                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
-                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
-    paged_write_kv(k_cache, v_cache, block_tables, table_stride, seq_ids, positions, k, v, T, Hkv,
-                   Dh, block_size);
-}
-
-void paged_write(uint16_t* k_cache, uint16_t* v_cache, const int32_t* block_tables, int64_t table_stride,
-                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
-                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size) {
-    paged_write_kv(k_cache, v_cache, block_tables, table_stride, seq_ids, positions, k, v, T, Hkv,
-                   Dh, block_size);
-}
+// The two element types of the cache (ops.h).
+template void paged_attention<float>(const float*, const float*, const float*, const int32_t*, int64_t,
+                                     const int32_t*, const int32_t*, float*, int64_t, int64_t, int64_t,
+                                     int64_t, int64_t, float);
+template void paged_attention<uint16_t>(const float*, const uint16_t*, const uint16_t*, const int32_t*,
+                                        int64_t, const int32_t*, const int32_t*, float*, int64_t, int64_t,
+                                        int64_t, int64_t, int64_t, float);
+template void paged_write<float>(float*, float*, const int32_t*, int64_t, const int32_t*, const int32_t*,
+                                 const float*, const float*, int64_t, int64_t, int64_t, int64_t);
+template void paged_write<uint16_t>(uint16_t*, uint16_t*, const int32_t*, int64_t, const int32_t*,
+                                    const int32_t*, const float*, const float*, int64_t, int64_t, int64_t,
+                                    int64_t);
 
 }  // namespace lingli

@@ -30,24 +30,18 @@ void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, floa
 // In-place, numerically stable softmax over each row of x[M,N].
 void softmax(float* x, int64_t M, int64_t N);
 
-// The paged KV cache holds float32 or IEEE half (raw uint16 bits); each op
-// below has one overload per element type.
+// The paged KV cache holds float32 or IEEE half (raw uint16 bits): KV is
+// float or uint16_t (both instantiated in attention.cpp).
 // k/v [T, Hkv, Dh] into the cache slots of each token (blocks already reserved);
 // half caches round to nearest even, as numpy's astype(float16) does.
-void paged_write(float* k_cache, float* v_cache, const int32_t* block_tables, int64_t table_stride,
-                 const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
-                 int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
-void paged_write(uint16_t* k_cache, uint16_t* v_cache, const int32_t* block_tables, int64_t table_stride,
+template <typename KV>
+void paged_write(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t table_stride,
                  const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
                  int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
 
 // block_tables [S, table_stride]; seq_ids [T] picks each token's row (nullptr: row 0).
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
-                     const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
-                     const int32_t* q_positions, float* out,
-                     int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
-                     float scale);
-void paged_attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+template <typename KV>
+void paged_attention(const float* q, const KV* k_cache, const KV* v_cache,
                      const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
                      const int32_t* q_positions, float* out,
                      int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size,
