@@ -27,7 +27,8 @@ def tiny(tmp_path_factory):
 
 
 def _pair(path, quant):
-    cpu = LLM(str(path), quant=quant, progress=False, max_model_len=64)
+    cpu = LLM(str(path), quant=quant, progress=False, max_model_len=64,
+              kv_cache_dtype="float32")   # as the interpreter's float32 cache
     gpu = LLM(str(path), quant=quant, backend="triton", progress=False, max_model_len=64)
     return cpu, gpu
 

@@ -265,7 +265,7 @@ def test_export_logits_match_transformers_and_lingli(tmp_path, sp_tok_dir, monke
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
         hf_logits = hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    lingli = LLM(out, progress=False).logits(ids)
+    lingli = LLM(out, progress=False, kv_cache_dtype="float32").logits(ids)  # the exact fp32 path
     scale = np.abs(hf_logits).max()
     assert scale > 1.0     # logits that are not all ~0, so the comparison means something
     assert np.abs(hf_logits - ref).max() <= 1e-4 * scale
