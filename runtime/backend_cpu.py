@@ -4,8 +4,8 @@ Every backend implements exactly this set (DESIGN.md, "one path for every
 backend"): prepare weights (weight, vector), linear, rms_norm, rope_,
 silu_mul, attention, kv_write and embedding; plus the few array chores that
 differ between numpy and torch (forward_inputs, contiguous, cat, to_host)
-and the KV storage (kv_pool, kv_itemsize). Model code never branches on the
-backend.
+and the KV storage (kv_pool, kv_itemsize, kv_commit). Model code never
+branches on the backend.
 """
 from __future__ import annotations
 

@@ -130,6 +130,9 @@ class TritonBackend:
     def kv_pool(self, shape: tuple[int, ...]) -> "torch.Tensor":
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def kv_commit(self, pool: "torch.Tensor") -> None:
+        """Nothing to do: torch.zeros has already allocated and written the pool."""
+
     # ------------------------------------------------------- array chores
     def forward_inputs(self, positions: np.ndarray, batch: BatchKV) -> tuple["torch.Tensor", DeviceBatch]:
         """Positions and block tables go to the device once per forward pass."""

@@ -119,7 +119,7 @@ class LLM:
         self.cache = PagedKVCache(self.config.num_layers, max(budget, context), block_size,
                                   self.config.num_kv_heads, self.config.head_dim,
                                   pool=self.backend.kv_pool,
-                                  commit=getattr(self.backend, "kv_commit", None))
+                                  commit=self.backend.kv_commit)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else _config_eos(self.config)
         self._engine_args = dict(max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,

@@ -71,4 +71,6 @@ def test_triton_backend_weights_live_on_the_device(tiny):
     layer = gpu.model.layers[0]
     assert isinstance(layer.w_down, PackedWeight)
     assert isinstance(gpu.cache.k[0], torch.Tensor) and gpu.cache.k[0].dtype == torch.float32
+    gpu.cache.commit()                  # what `lingli serve` does: a no-op on device tensors
+    assert not gpu.cache.k[0].any()
     assert gpu.model.weight_bytes_per_token() > 0
