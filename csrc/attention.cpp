@@ -175,22 +175,6 @@ LINGLI_TARGET_AVX512 inline __mmask16 lanes(int64_t left) {
     return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// out[i] = scale * (sum of a[i]'s lanes), i < 8: two rounds of 128-bit
-// shuffles and one in-lane round for all eight instead of eight reductions.
-LINGLI_TARGET_AVX512 inline void sum8(const __m512* a, float scale, float* out) {
-    __m512 t[4], u[2];
-    for (int k = 0; k < 4; ++k)  // [x0+x2, x1+x3, y0+y2, y1+y3] (128-bit lanes) of x, y = a[2k], a[2k+1]
-        t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
-                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
-    for (int k = 0; k < 2; ++k)  // 4 lanes of each of rows 4k..4k+3
-        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
-                             _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
-    __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
-    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0xB1));  // lane 4q: row q, 4q + 2: row 4 + q
-    v = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), v);
-    _mm256_storeu_ps(out, _mm256_mul_ps(_mm512_castps512_ps256(v), _mm256_set1_ps(scale)));
-}
-
 // One head, one key at a time (any Dh; the tails of the grouped kernel).
 template <typename KV>
 LINGLI_TARGET_AVX512 float score1_avx512(const float* q, const KV* kr, int64_t Dh) {
@@ -209,7 +193,7 @@ LINGLI_TARGET_AVX512 float score1_avx512(const float* q, const KV* kr, int64_t D
 
 // H heads (H <= 3) against keys eight at a time, Dh a multiple of 16 (every
 // LLaMA-family model): each key row is loaded and widened once for the H
-// heads, and the eight dot products of a head share one reduction (sum8;
+// heads, and the eight dot products of a head share one reduction (hsum512x8;
 // at Dh = 64 per-key horizontal sums had cost as much as the products).
 template <int H, typename KV>
 LINGLI_TARGET_AVX512 void scores_heads_avx512(const float* q, const KV* k, int64_t n, int64_t Dh,
@@ -227,7 +211,8 @@ LINGLI_TARGET_AVX512 void scores_heads_avx512(const float* q, const KV* k, int64
                 for (int h = 0; h < H; ++h) a[h][r] = _mm512_fmadd_ps(qd[h], kv, a[h][r]);
             }
         }
-        for (int h = 0; h < H; ++h) sum8(a[h], scale, s + h * ss + i);
+        for (int h = 0; h < H; ++h)
+            _mm256_storeu_ps(s + h * ss + i, _mm256_mul_ps(hsum512x8(a[h]), _mm256_set1_ps(scale)));
     }
     for (; i < n; ++i)
         for (int h = 0; h < H; ++h) s[h * ss + i] = scale * score1_avx512(q + h * Dh, k + i * Dh, Dh);

@@ -28,6 +28,26 @@ LINGLI_TARGET_AVX512 inline float hsum512(__m512 v) {
     return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
 }
 
+// Lane i of the result = the sum of a[i]'s 16 lanes, for eight vectors at
+// once: two rounds of 128-bit shuffles and one in-lane round instead of eight
+// separate reductions (the row sums of the batched qlinear kernel, and the
+// scores of eight keys in paged attention).
+LINGLI_TARGET_AVX512 inline __m256 hsum512x8(const __m512* a) {
+    __m512 t[4], u[2];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)  // [x0+x2, x1+x3, y0+y2, y1+y3] (128-bit lanes) of x, y = a[2k], a[2k+1]
+        t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k)  // 4 lanes of each of rows 4k..4k+3
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0xB1));  // lane 4q: row q, 4q + 2: row 4 + q
+    return _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), v));
+}
+
 // exp(x) for 16 lanes: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two
 // for exactness), e^r by its degree-6 Taylor polynomial (error < 2e-7
 // relative, about 2 ulp), times 2^n by vscalefps, which also gives +inf and
