@@ -81,9 +81,10 @@ class LLM:
         if quant_method not in (None, *QUANT_METHODS):
             raise LingliError(f"unknown quant_method {quant_method!r}; choose one of "
                               f"{', '.join(QUANT_METHODS)}")
-        if kv_cache_dtype not in ("auto", "float16", "float32"):
-            raise LingliError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose 'auto', "
-                              "'float16' or 'float32'")
+        from .backend_cpu import KV_DTYPES
+        if kv_cache_dtype not in ("auto", *KV_DTYPES):
+            raise LingliError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of "
+                              f"{', '.join(('auto', *KV_DTYPES))}")
         if backend == "cpu":
             from .backend_cpu import CpuBackend
             self.backend = CpuBackend(num_threads, kv_dtype="float16" if kv_cache_dtype == "auto"

@@ -140,6 +140,8 @@ def test_fp16_weights(tmp_path):
     (dict(quant="int4", group_size=48), "group size"),
     (dict(quant="int5"), "unknown quant"),
     (dict(backend="tpu"), "unknown backend"),
+    (dict(kv_cache_dtype="int8"), r"unknown kv_cache_dtype 'int8'; choose one of auto, float16, float32"),
+    (dict(backend="triton", kv_cache_dtype="float32"), r"backend='triton' keeps its KV cache"),
 ])
 def test_bad_options(tmp_path, kwargs, match):
     d = make_tiny_llama(tmp_path / "x", None, tmp_path)
