@@ -452,6 +452,50 @@ constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kFewChunkBytes = 24 << 10;
 constexpr int64_t kFewBlockBytes = 128 << 10;
 
+// Byte ranges prefetched a slice at a time (into L2): the next row block's
+// codes, high plane and group parameters while the current block is computed
+// (batched decode and prefill tiles).
+struct PrefetchRanges {
+    const char* p[5];
+    int64_t n[5];
+    int k = 0, cnt = 0;
+    void add(const void* ptr, int64_t bytes) {
+        p[cnt] = static_cast<const char*>(ptr);
+        n[cnt++] = bytes;
+    }
+    int64_t total() const {
+        int64_t t = 0;
+        for (int i = 0; i < cnt; ++i) t += n[i];
+        return t;
+    }
+    void run(int64_t bytes) {
+        for (; bytes > 0 && k < cnt; ) {
+            const int64_t b = std::min(bytes, n[k]);
+            for (int64_t t = 0; t < b; t += 64) _mm_prefetch(p[k] + t, _MM_HINT_T1);
+            p[k] += b;
+            n[k] -= b;
+            bytes -= b;
+            if (n[k] == 0) ++k;
+        }
+    }
+};
+
+// Every byte of weight rows [ra, rb): codes, int3 high plane, group parameters.
+inline void add_weight_rows(PrefetchRanges& pr, const QMatrix& w, int64_t ra, int64_t rb) {
+    if (rb <= ra) return;
+    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0), ng = w.kp / w.group_size;
+    pr.add(w.q + ra * qstride, (rb - ra) * qstride);
+    if (w.bits == 3) pr.add(w.qh + ra * (w.kp / 8), (rb - ra) * (w.kp / 8));
+    if (coded(w)) {
+        pr.add(w.scale_codes + ra * ng, (rb - ra) * ng);
+        pr.add(w.min_codes + ra * ng, (rb - ra) * ng);
+        pr.add(w.row_scale + ra, (rb - ra) * 4);
+    } else {
+        pr.add(w.scales + ra * ng, (rb - ra) * ng * 2);
+        if (w.bits != 8) pr.add(w.mins + ra * ng, (rb - ra) * ng * 2);
+    }
+}
+
 namespace vnni_base {
 #define LINGLI_VNNI_TARGET LINGLI_TARGET_VNNI
 #define LINGLI_VNNI_EXT 0
@@ -697,14 +741,28 @@ void tile16_rows(const QMatrix& w, const VnniTiles& tl, int64_t T, const TileWei
 template <int BPG, bool MINS>
 void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     thread_local TileWeights tw;
-    // Weight rows per block: their decoded codes stay in L2 while every tile passes.
-    const int64_t rbk = std::max<int64_t>(32, (kRowBlockBytes * 3 / 4) / std::max<int64_t>(1, w.kp) / 8 * 8);
+    // Weight rows per block: their decoded codes stay in L2 while every tile
+    // passes. One tile (batched decode, at most 16 rows) passes once: blocks of
+    // 32 rows, decoded from L2 where the previous block's steps prefetched them
+    // (one large block would decode from memory with nothing to overlap:
+    // SmolLM2's 16-stream step 12.9 -> 12.0 ms).
+    const int64_t rbk = tl.ntile == 1 ? 32
+                                      : std::max<int64_t>(32, (kRowBlockBytes * 3 / 4) / std::max<int64_t>(1, w.kp) / 8 * 8);
     for (int64_t ra = r0; ra < r1; ra += rbk) {
         const int64_t rb = std::min(r1, ra + rbk);
         decode_tile_rows(w, ra, rb, tw);
+        // The next block's packed weights come into L2 a slice per 8-row
+        // step, under the computation, instead of stalling its decode.
+        PrefetchRanges next;
+        add_weight_rows(next, w, rb, std::min(r1, rb + rbk));
+        const int64_t steps = std::max<int64_t>(1, (rb - ra) / 8);  // all of it during the first tile
+        const int64_t slice = (next.total() + steps - 1) / steps;
         for (int64_t T = 0; T < tl.ntile; ++T) {
             int64_t c0 = ra;
-            for (; c0 + 8 <= rb; c0 += 8) tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+            for (; c0 + 8 <= rb; c0 += 8) {
+                next.run(slice);
+                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+            }
             if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
             if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
             if (c0 < rb) tile16_rows<1, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);

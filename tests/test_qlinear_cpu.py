@@ -44,6 +44,8 @@ SHAPES = [
     # Batched decode (1 < M < 32 at K >= 1024, 1 < M < 10 below) vs the 16-row prefill
     # tiles: both sides of each switch, K with a tail of 1-15 blocks past 512 inputs.
     (9, 37, 576), (10, 21, 576), (24, 19, 1100), (31, 9, 2080), (32, 11, 1056), (33, 5, 1024),
+    # One tile over several 32-row blocks (each prefetching the next), odd N.
+    (12, 101, 576), (16, 70, 100),
 ]
 
 
