@@ -129,12 +129,15 @@ def main(argv=None) -> int:
     llm = load_llm(model_dir, a.quant, a.threads, max_len)
     set_threads(llm, a.threads)
     llm.cache.commit()      # as `lingli serve` does at startup: no first-touch page faults
-    decode_throughput(llm, 2, 8, 4)                          # warm-up
-    rows = []
-    for s in a.streams:
-        best = max((decode_throughput(llm, s, a.prompt, a.decode, seed=r)
-                    for r in range(a.repeats)), key=lambda r: r["decode_tok_s"])
-        rows.append(best)
+    for s in a.streams:                                      # warm-up: every batch shape once
+        decode_throughput(llm, s, 8, 8)
+    # Rounds go over every stream count in turn, so a slow or fast phase of a
+    # shared host lands on all of them alike instead of on one row's repeats.
+    runs: dict[int, list[dict]] = {s: [] for s in a.streams}
+    for r in range(a.repeats):
+        for s in a.streams:
+            runs[s].append(decode_throughput(llm, s, a.prompt, a.decode, seed=r))
+    rows = [max(runs[s], key=lambda r: r["decode_tok_s"]) for s in a.streams]
     base = rows[0]["decode_tok_s"]
     print(f"model={model_dir.name} quant={a.quant} threads={a.threads} prompt={a.prompt} "
           f"decode={a.decode} (best of {a.repeats})")
