@@ -1,4 +1,6 @@
-"""ARM NEON quantized kernels (csrc/qlinear_neon.cpp), cross-built and run under qemu-user.
+"""ARM NEON quantized kernels (csrc/qlinear_neon.cpp) and the aarch64 attention path
+(csrc/attention.cpp: plain kernels, half caches widened by __fp16), cross-built and run
+under qemu-user.
 
 csrc/tests/qlinear_test.cpp is built for aarch64 with plain -march=armv8-a (the
 sdot kernel carries its own target attribute) and run on two emulated CPUs:
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.skipif(CROSS is None or QEMU is None,
                                 reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
 
 SOURCES = ["tests/qlinear_test.cpp", "qlinear.cpp", "qlinear_neon.cpp", "cpu_features.cpp"]
+ATTN_SOURCES = ["tests/attention_test.cpp", "attention.cpp", "cpu_features.cpp"]
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$")
 
 
@@ -38,16 +41,19 @@ def _links_openmp_statically(tmp: Path) -> bool:
     return r.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def qtest_exe(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("neon_qemu")
-    exe = tmp / "qlinear_test"
+def _build(tmp: Path, name: str, sources: list[str]) -> Path:
+    exe = tmp / name
     omp = ["-fopenmp"] if _links_openmp_statically(tmp) else []
     cmd = [CROSS, "-std=c++17", "-O2", "-march=armv8-a", "-static", "-Wall", *omp, f"-I{CSRC}",
-           *(str(CSRC / s) for s in SOURCES), "-o", str(exe)]
+           *(str(CSRC / s) for s in sources), "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, " ".join(cmd) + "\n" + r.stderr
     return exe
+
+
+@pytest.fixture(scope="module")
+def qtest_exe(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("neon_qemu"), "qlinear_test", SOURCES)
 
 
 def _run(exe: Path, cpu: str) -> tuple[str, int, int]:
@@ -74,6 +80,14 @@ def test_plain_neon_without_dotprod_on_cortex_a53(qtest_exe):
     assert "paths: plain neon\n" in out
     assert "dispatcher path: neon\n" in out
     assert failed == 0 and passed > 700, out[-4000:]
+
+
+def test_attention_half_and_float_caches_on_aarch64(tmp_path):
+    """Every half widens exactly, writes round to nearest even, and decode and prefill
+    attention on float32 and half caches match a double reference, on 1 and 2 threads."""
+    out, passed, failed = _run(_build(tmp_path, "attention_test", ATTN_SOURCES), "max")
+    assert "isa: neon" in out
+    assert failed == 0 and passed == 82, out[-4000:]  # 2 + 2 threads x 2 dtypes x 5 head shapes x 2 BS x 2
 
 
 def test_sdot_only_in_the_dot_kernel(tmp_path):
