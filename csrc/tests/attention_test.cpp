@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -87,19 +88,14 @@ void check_write() {
     report(bad == 0, "paged_write to a half cache rounds to nearest even");
 }
 
+// Cache elements to float and back: float32 as is, half by test_common.h.
+float widen(float x) { return x; }
+float widen(uint16_t x) { return f16_to_f32(x); }
 template <typename KV>
-float widen(KV x);
-template <>
-float widen<float>(float x) { return x; }
-template <>
-float widen<uint16_t>(uint16_t x) { return f16_to_f32(x); }
-
-template <typename KV>
-KV narrow(float x);
-template <>
-float narrow<float>(float x) { return x; }
-template <>
-uint16_t narrow<uint16_t>(float x) { return f32_to_f16(x); }
+KV narrow(float x) {
+    if constexpr (std::is_same_v<KV, float>) return x;
+    else return f32_to_f16(x);
+}
 
 // T query tokens; token t belongs to sequence seq[t] and sees its positions
 // 0..pos[t]. The cache is filled with random values; the reference works in
@@ -134,7 +130,7 @@ void check_attention(const char* name, int64_t Hq, int64_t Hkv, int64_t Dh, int6
             double mx = -INFINITY;
             for (int64_t p = 0; p < len; ++p) {
                 double dot = 0.0;
-                for (int64_t d = 0; d < Dh; ++d) dot += double(q[(t * Hq + h) * Dh + d]) * widen<KV>(row(kc, p)[d]);
+                for (int64_t d = 0; d < Dh; ++d) dot += double(q[(t * Hq + h) * Dh + d]) * widen(row(kc, p)[d]);
                 s[p] = dot * scale;
                 mx = std::max(mx, s[p]);
             }
@@ -142,7 +138,7 @@ void check_attention(const char* name, int64_t Hq, int64_t Hkv, int64_t Dh, int6
             for (auto& x : s) sum += (x = std::exp(x - mx));
             for (int64_t d = 0; d < Dh; ++d) {
                 double y = 0.0;
-                for (int64_t p = 0; p < len; ++p) y += s[p] / sum * widen<KV>(row(vc, p)[d]);
+                for (int64_t p = 0; p < len; ++p) y += s[p] / sum * widen(row(vc, p)[d]);
                 const double err = std::fabs(y - out[(t * Hq + h) * Dh + d]);
                 worst = std::isnan(err) ? INFINITY : std::max(worst, err);
             }
