@@ -82,6 +82,10 @@ inline float group_min(const QMatrix& w, int64_t r, int64_t g, float s) {
     return coded(w) ? (s * static_cast<float>(w.min_codes[i])) * 0.125f : half_to_float(w.mins[i]);
 }
 
+// Row stride of w.q in bytes: kp * bits / 8, except int3, whose high plane
+// (kp / 8 bytes a row) is the separate w.qh.
+inline int64_t code_stride(const QMatrix& w) { return w.bits == 3 ? w.kp / 4 : w.kp * w.bits / 8; }
+
 // Bytes of one weight row: codes and group parameters (int8: f16 s; int4/int3
 // f16: s and m; codes: two bytes per group and the row scale).
 inline int64_t row_bytes(const QMatrix& w) {

@@ -156,7 +156,7 @@ template <int R>
 LINGLI_TARGET_AVX2 void tile_avx2(const QMatrix& w, const QActs& a, Avx2Prep& p, int64_t i0,
                                   int64_t ra, int64_t rb, float* out, int64_t ldo) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, bpg = w.group_size / QBLOCK;
-    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    const int64_t qstride = code_stride(w);
     const bool mins = w.bits != 8;
     const __m256i ones = _mm256_set1_epi16(1);
     float* mg = p.mg.data();
@@ -483,7 +483,7 @@ struct PrefetchRanges {
 // Every byte of weight rows [ra, rb): codes, int3 high plane, group parameters.
 inline void add_weight_rows(PrefetchRanges& pr, const QMatrix& w, int64_t ra, int64_t rb) {
     if (rb <= ra) return;
-    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0), ng = w.kp / w.group_size;
+    const int64_t qstride = code_stride(w), ng = w.kp / w.group_size;
     pr.add(w.q + ra * qstride, (rb - ra) * qstride);
     if (w.bits == 3) pr.add(w.qh + ra * (w.kp / 8), (rb - ra) * (w.kp / 8));
     if (coded(w)) {
@@ -605,7 +605,7 @@ struct TileWeights {
 
 LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
-    const int64_t qstride = w.kp * w.bits / 8 - (w.bits == 3 ? w.kp / 8 : 0);
+    const int64_t qstride = code_stride(w);
     const bool cod = coded(w);
     if (w.bits != 8) tw.codes.resize(static_cast<size_t>(n * w.kp));
     tw.init.resize(static_cast<size_t>(n * nb));
