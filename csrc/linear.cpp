@@ -405,11 +405,13 @@ void rows_multi(const LinearKernels& kern, const float* x, float* y, int64_t M, 
     }
 }
 
-// Threads split the N output columns (= weight rows) into contiguous ranges,
-// so each thread streams its own slice of the weight matrix.
+// Threads split the N output columns (= weight rows) into chunks of
+// contiguous rows, each thread streaming its own share of the weight matrix
+// first (parallel_chunks: balanced at run time).
 template <class Fn>
 void split_rows(int64_t N, int64_t weight_bytes, Fn fn) {
-    parallel_ranges(N, threads_for_bytes(weight_bytes), fn);
+    const int nt = threads_for_bytes(weight_bytes);
+    parallel_chunks(N, nt, std::max<int64_t>(16, N / (8 * int64_t(nt))), fn);
 }
 
 }  // namespace

@@ -17,10 +17,6 @@
 #include "ops.h"  // half_to_float
 #include "parallel.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace lingli {
 
 // ------------------------------------------------------------------ plain --
@@ -180,6 +176,14 @@ const char* qgemm_path() {
     }
 }
 
+// Rows per work chunk for parallel_chunks: `per` chunks per thread, in
+// multiples of 32 rows (the tiles' weight block). Decode (one activation row)
+// takes 8 per thread; the batched kernels 4, as their per-call setup (tile
+// weights, next-block prefetch) made finer chunks of small matrices ~5% slower.
+static int64_t row_grain(int64_t n, int nt, int64_t per) {
+    return std::max<int64_t>(32, (n / (per * int64_t(nt)) + 31) / 32 * 32);
+}
+
 // Runs the products for activations already quantized (acts.m rows).
 static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* out) {
     const int64_t m = acts.m;
@@ -191,36 +195,30 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
     if (path == QPath::Avx512Vnni && m >= vnni_tile_min_rows(w.kp)) {
         // Activations rearranged once (threads split the tiles), then shared.
         VnniTiles* tiles = vnni_tiles(w, acts);
-        const int64_t ntile = vnni_tile_count(tiles);
-        if (nt <= 1) {
-            vnni_tiles_fill(tiles, acts, 0, ntile);
-            qgemm_avx512_tiles(w, tiles, 0, w.n, out, w.n);
-            return;
-        }
-#pragma omp parallel num_threads(nt)
-        {
-#ifdef _OPENMP
-            const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-            const int64_t t = 0, nth = 1;
-#endif
-            vnni_tiles_fill(tiles, acts, ntile * t / nth, ntile * (t + 1) / nth);
-#pragma omp barrier
-            const int64_t r0 = w.n * t / nth, r1 = w.n * (t + 1) / nth;
-            if (r1 > r0) qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n);
-        }
+        parallel_ranges(vnni_tile_count(tiles), nt,
+                        [&](int64_t t0, int64_t t1) { vnni_tiles_fill(tiles, acts, t0, t1); });
+        parallel_chunks(w.n, nt, row_grain(w.n, nt, 4),
+                        [&](int64_t r0, int64_t r1) { qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n); });
+        return;
+    }
+    if (path == QPath::Avx512Vnni && m == 1) {
+        // Decode: the activation row rearranged once, shared by the threads.
+        const VnniPrep* prep = vnni_prep(w, acts);
+        parallel_chunks(w.n, nt, row_grain(w.n, nt, 8),
+                        [&](int64_t r0, int64_t r1) { qgemm_avx512_decode(w, prep, r0, r1, out); });
         return;
     }
     if (path == QPath::Avx512Vnni && m > 1) {
-        // Batched decode: activations rearranged once, shared by the threads
-        // (m = 1 takes qgemm_avx512's decode kernel below).
+        // Batched decode: activations rearranged once, shared by the threads.
         VnniFew* few = vnni_few(w, acts);
         vnni_few_fill(few, w, acts);
-        parallel_ranges(w.n, nt, [&](int64_t r0, int64_t r1) { qgemm_avx512_few(w, few, r0, r1, out, w.n); });
+        parallel_chunks(w.n, nt, row_grain(w.n, nt, 4),
+                        [&](int64_t r0, int64_t r1) { qgemm_avx512_few(w, few, r0, r1, out, w.n); });
         return;
     }
 #endif
-    parallel_ranges(w.n, nt, [&](int64_t r0, int64_t r1) { fn(w, acts, r0, r1, out, w.n); });
+    parallel_chunks(w.n, nt, row_grain(w.n, nt, acts.m == 1 ? 8 : 4),
+                    [&](int64_t r0, int64_t r1) { fn(w, acts, r0, r1, out, w.n); });
 }
 
 void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps) {

@@ -146,6 +146,13 @@ void vnni_tiles_fill(VnniTiles* t, const QActs& a, int64_t t0, int64_t t1);
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
                         int64_t ldo);
 
+// AVX-512 VNNI decode (m = 1): vnni_prep() rearranges the activations into
+// the calling thread's buffer (serially), qgemm_avx512_decode() takes weight
+// rows [r0, r1), so threads share one preparation however many chunks they run.
+struct VnniPrep;
+VnniPrep* vnni_prep(const QMatrix& w, const QActs& a);
+void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_t r1, float* out);
+
 // AVX-512 VNNI batched decode: vnni_few() sizes the calling thread's buffer
 // and vnni_few_fill() rearranges the activations into it (serially; it is
 // cheap next to the products); qgemm_avx512_few() takes weight rows [r0, r1).

@@ -250,6 +250,8 @@ LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void group_params16_f16
     m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mf));
 }
 
+}  // namespace
+
 // Activation rows rearranged once per call into the planar order the weight
 // unpacking produces: per octet o (8 blocks), four 64-byte planes j = 0..3
 // whose qword k holds codes 8j..8j+7 of block 8o+k.
@@ -262,7 +264,7 @@ struct VnniPrep {
     std::vector<float, Aligned64<float>> c;        // int4/int3: [m][ngp] min coefficients
 };
 
-void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
+static void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
     p.m = a.m;
     p.nb = a.kp / QBLOCK;
     p.no = (p.nb + 7) / 8;
@@ -293,6 +295,14 @@ void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
         if (w.bits != 8) min_coeffs(a, i, w.group_size, p.c.data() + i * p.ngp, p.ngp);
     }
 }
+
+VnniPrep* vnni_prep(const QMatrix& w, const QActs& a) {
+    thread_local VnniPrep p;
+    prepare_vnni(w, a, p);
+    return &p;
+}
+
+namespace {
 
 // 16 x 8 dword transpose: z[t] holds rows 2t and 2t + 1 (8 dwords each);
 // out[j] lane l = dword j of row l. Three rounds of two-source dword
@@ -640,6 +650,26 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(init + b), _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
             }
         }
+        if (w.bits == 8) {
+            // Codes used in place; only the block code sums, 4 blocks per
+            // step: sad of (code ^ 0x80) = code + 128 summed per qword, the
+            // qwords of each block added by two rounds of pair sums.
+            const __m512i flip8 = _mm512_set1_epi8(static_cast<char>(0x80));
+            const __m512i ev = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+            const __m512i od = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+            const __m512i ixs = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            for (; b + 4 <= nb; b += 4) {
+                const __m512i A = _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(q + b * 32), flip8),
+                                                  _mm512_setzero_si512());
+                const __m512i B = _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(q + b * 32 + 64), flip8),
+                                                  _mm512_setzero_si512());
+                __m512i t = _mm512_add_epi64(_mm512_permutex2var_epi64(A, ev, B), _mm512_permutex2var_epi64(A, od, B));
+                t = _mm512_add_epi64(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));  // qword 2k: block k
+                const __m128i s4 = _mm_sub_epi32(_mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, t)),
+                                                 _mm_set1_epi32(32 * 128));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(init + b), _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
+            }
+        }
         for (; b < nb; ++b) {
             __m256i sad;
             int32_t bias = 0;
@@ -753,8 +783,9 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
         decode_tile_rows(w, ra, rb, tw);
         // The next block's packed weights come into L2 a slice per 8-row
         // step, under the computation, instead of stalling its decode.
+        // Past r1 too: a thread's next chunk (parallel_chunks) usually starts there.
         PrefetchRanges next;
-        add_weight_rows(next, w, rb, std::min(r1, rb + rbk));
+        add_weight_rows(next, w, rb, std::min(w.n, rb + rbk));
         const int64_t steps = std::max<int64_t>(1, (rb - ra) / 8);  // all of it during the first tile
         const int64_t slice = (next.total() + steps - 1) / steps;
         for (int64_t T = 0; T < tl.ntile; ++T) {
@@ -901,14 +932,16 @@ void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, floa
         qgemm_avx512_few(w, f, r0, r1, out, ldo);
         return;
     }
-    thread_local VnniPrep p;
-    prepare_vnni(w, a, p);
+    qgemm_avx512_decode(w, vnni_prep(w, a), r0, r1, out);
+}
+
+void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_t r1, float* out) {
     switch (w.bits) {
-        case 8: vnni_base::run_decode<8>(w, p, r0, r1, out); break;
-        case 4: vnni_base::run_decode<4>(w, p, r0, r1, out); break;
+        case 8: vnni_base::run_decode<8>(w, *p, r0, r1, out); break;
+        case 4: vnni_base::run_decode<4>(w, *p, r0, r1, out); break;
         default:
-            if (cpu_has_vnni_ext()) vnni_ext::run_decode<3>(w, p, r0, r1, out);
-            else vnni_base::run_decode<3>(w, p, r0, r1, out);
+            if (cpu_has_vnni_ext()) vnni_ext::run_decode<3>(w, *p, r0, r1, out);
+            else vnni_base::run_decode<3>(w, *p, r0, r1, out);
             break;
     }
 }

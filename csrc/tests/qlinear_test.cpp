@@ -24,7 +24,10 @@
 #include <string>
 #include <vector>
 
+#include <mutex>
+
 #include "cpu_features.h"
+#include "parallel.h"
 #include "qlinear.h"
 #include "tests/test_common.h"
 
@@ -375,6 +378,30 @@ void run_case(int bits, bool coded, int G, int64_t M, int64_t N, int64_t K, Dist
 
 // The dispatcher end to end: qgemm_path() names the kernel cpu_has_dotprod()
 // implies, and qlinear() on the NEON ISA matches qlinear() on the plain one.
+// parallel_chunks: every row of [0, n) in exactly one call (none for n = 0),
+// calls cut at multiples of the grain, on no more threads than asked for.
+void check_parallel_chunks() {
+    bool ok = true;
+    for (int nt : {1, 2, 3, 4})
+        for (int64_t n : {int64_t(0), int64_t(1), int64_t(5), int64_t(31), int64_t(32), int64_t(33), int64_t(100),
+                          int64_t(1000)})
+            for (int64_t grain : {int64_t(0), int64_t(1), int64_t(7), int64_t(32), int64_t(64)}) {
+                std::vector<int> seen(static_cast<size_t>(n), 0);
+                std::mutex mu;
+                bool cuts = true;
+                parallel_chunks(n, nt, grain, [&](int64_t b, int64_t e) {
+                    const int t = omp_thread_id();
+                    std::lock_guard<std::mutex> lock(mu);
+                    const int64_t g = std::max<int64_t>(1, grain);
+                    const bool whole = b == 0 && e == n;  // one thread: one call
+                    cuts = cuts && b < e && (whole || (b % g == 0 && (e == n || e - b == g))) && t < nt;
+                    for (int64_t i = b; i < e && i < n; ++i) ++seen[static_cast<size_t>(i)];
+                });
+                ok = ok && cuts && std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; });
+            }
+    report(ok, "parallel_chunks covers every row once, in grain-aligned chunks");
+}
+
 void check_dispatch() {
 #if defined(__aarch64__)
     set_isa(Isa::Neon);
@@ -442,6 +469,7 @@ int main() {
                 }
         }
     check_dispatch();
+    check_parallel_chunks();
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed ? 1 : 0;
 }
