@@ -125,11 +125,12 @@ QPath qpath() {
     }
 }
 
+// The per-range kernel of a path (AVX-512 VNNI has none: qgemm_rows runs its
+// three kernels itself).
 QGemmFn qgemm_for(QPath p) {
     switch (p) {
 #if defined(__x86_64__)
         case QPath::Avx2: return qgemm_avx2;
-        case QPath::Avx512Vnni: return qgemm_avx512;
 #endif
 #if defined(__aarch64__)
         case QPath::Neon: return qgemm_neon;
@@ -187,7 +188,6 @@ static int64_t row_grain(int64_t n, int nt, int64_t per) {
 // Runs the products for activations already quantized (acts.m rows).
 static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* out) {
     const int64_t m = acts.m;
-    const QGemmFn fn = qgemm_for(path);
     // Work ~ weight bytes for decode; for prefill the products dominate.
     int nt = threads_for_bytes(w.n * row_bytes(w) + m * w.n * w.kp / 16);
     if (nt > w.n) nt = static_cast<int>(w.n);
@@ -217,7 +217,8 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
         return;
     }
 #endif
-    parallel_chunks(w.n, nt, row_grain(w.n, nt, acts.m == 1 ? 8 : 4),
+    const QGemmFn fn = qgemm_for(path);
+    parallel_chunks(w.n, nt, row_grain(w.n, nt, m == 1 ? 8 : 4),
                     [&](int64_t r0, int64_t r1) { fn(w, acts, r0, r1, out, w.n); });
 }
 

@@ -107,7 +107,6 @@ using QGemmFn = void (*)(const QMatrix& w, const QActs& a, int64_t r0, int64_t r
 void qgemm_plain(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo);
 #if defined(__x86_64__)
 void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo);
-void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo);  // AVX-512 VNNI
 #endif
 #if defined(__aarch64__)
 void qgemm_neon(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo);      // no dotprod
@@ -126,9 +125,10 @@ void quantize_acts_avx512(const float* x, int64_t m, int64_t k, int64_t kp,
 // The quantized AVX-512 path needs AVX-512 F/BW/VL and VNNI, not just AVX-512F.
 bool cpu_has_avx512_vnni();
 
-// AVX-512 VNNI has three kernels by the number of activation rows m: decode
-// (m = 1, qgemm_avx512), batched decode (1 < m < vnni_tile_min_rows(kp)) and
-// prefill tiles (from there). The batched kernel's cost grows with m in steps
+// AVX-512 VNNI has three kernels by the number of activation rows m, each
+// with its activations rearranged once per call and shared by the threads
+// (so none has the QGemmFn form): decode (m = 1, qgemm_avx512_decode),
+// batched decode (1 < m < vnni_tile_min_rows(kp)) and prefill tiles (from there). The batched kernel's cost grows with m in steps
 // of 2 rows, the tiles' in steps of 16 (one tile) plus a fixed part that
 // grows with K: with K >= 1024 batched decode is the faster up to 32 rows,
 // with shorter K the tiles are from 10.

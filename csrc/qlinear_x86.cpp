@@ -923,18 +923,6 @@ void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1
     }
 }
 
-void qgemm_avx512(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-    if (a.m > 1) {
-        // Self-contained (each caller thread rearranges the activations);
-        // qlinear() does that once and shares it.
-        VnniFew* f = vnni_few(w, a);
-        vnni_few_fill(f, w, a);
-        qgemm_avx512_few(w, f, r0, r1, out, ldo);
-        return;
-    }
-    qgemm_avx512_decode(w, vnni_prep(w, a), r0, r1, out);
-}
-
 void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_t r1, float* out) {
     switch (w.bits) {
         case 8: vnni_base::run_decode<8>(w, *p, r0, r1, out); break;
