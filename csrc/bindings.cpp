@@ -403,7 +403,8 @@ py::tuple quantize_acts(const py::array& x, int64_t kp) {
 
 py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
                   const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
-                  const py::object& row_scale_obj, const py::object& out_obj, int act_steps) {
+                  const py::object& row_scale_obj, const py::object& out_obj, int act_steps,
+                  const py::object& code_sums_obj) {
     if (act_steps != 1 && act_steps != 2)
         fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
     if (bits != 8 && bits != 4 && bits != 3)
@@ -475,6 +476,17 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
             fail("qlinear: row_scale must be None with float16 scales and mins" + kValid);
         }
     }
+    const int16_t* csp = nullptr;
+    if (!code_sums_obj.is_none()) {
+        if (bits != 8) fail("qlinear: code_sums must be None for " + fmt + " (only int8 takes them)");
+        py::array cs = opt_array(code_sums_obj, "qlinear: code_sums");
+        if (!cs.dtype().is(py::dtype::of<int16_t>()))
+            fail("qlinear: code_sums must be int16, got " + std::string(py::str(cs.dtype())));
+        check_array(cs, "qlinear: code_sums", 2, "[N, Kp/32]");
+        check_shape(cs, "qlinear: code_sums", {N, Kp / lingli::QBLOCK}, why);
+        csp = static_cast<const int16_t*>(cs.data());
+        inputs.push_back(cs);
+    }
     py::array out;
     if (out_obj.is_none()) {
         out = new_f32({M, N});
@@ -493,7 +505,7 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
                       coded ? nullptr : static_cast<const uint16_t*>(sp),
                       coded ? nullptr : static_cast<const uint16_t*>(minsp),
                       coded ? static_cast<const uint8_t*>(sp) : nullptr,
-                      coded ? static_cast<const int8_t*>(minsp) : nullptr, rsp};
+                      coded ? static_cast<const int8_t*>(minsp) : nullptr, rsp, csp};
     const float* xp = static_cast<const float*>(x.data());
     float* yp = static_cast<float*>(out.mutable_data());
     {
@@ -567,14 +579,16 @@ PYBIND11_MODULE(_C, m) {
           "sums int32 [M,kp/32]) with d = max|x|/127, q = nearbyint(x/d); inputs past K are 0.");
     m.def("qlinear", &qlinear, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("q"),
           py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("row_scale"), py::arg("out") = py::none(),
-          py::arg("act_steps") = 1,
+          py::arg("act_steps") = 1, py::arg("code_sums") = py::none(),
           "y[M,N] = x[M,K] @ W.T for W in Lingli's int8/int4/int3 layout (runtime.quant.formats); "
           "x is quantized to int8 per 32-input block on the fly (act_steps=2: plus its residual, "
           "~14-bit activations). int8: scales float16 [N, Kp/G], mins and row_scale None. "
           "int4/int3, either encoding (per matrix): f16: scales and mins float16 [N, Kp/G], "
           "row_scale None; codes: scales uint8 [N, Kp/G] (scale codes), mins int8 [N, Kp/G] (min codes), "
           "row_scale float32 [N]: s = row_scale * scale_table()[code], m = (s * min code) * 0.125. "
-          "Writes into `out` if given.");
+          "int8 may take code_sums int16 [N, Kp/32], each 32-code block's sum "
+          "(runtime.quant.formats.block_code_sums): the batched kernel then skips a pass over "
+          "the codes (they must be the true sums). Writes into `out` if given.");
     m.def("scale_table", [] {
         py::array_t<float> t(256);
         float* p = t.mutable_data();

@@ -38,6 +38,10 @@ struct QMatrix {
     const uint8_t* scale_codes;  // int4/int3 codes encoding
     const int8_t* min_codes;     // int4/int3 codes encoding
     const float* row_scale;      // int4/int3 codes encoding: [n]
+    // int8, optional: the sum of each 32-code block, [n, kp / 32]. The prefill
+    // tiles need them (qlinear_x86.cpp: VNNI prefill); given, they skip a pass
+    // over the codes that cannot overlap with any arithmetic.
+    const int16_t* code_sums = nullptr;
 };
 
 // Whether w's group parameters are the byte codes (int4/int3 only) rather than f16.

@@ -466,8 +466,8 @@ constexpr int64_t kFewBlockBytes = 128 << 10;
 // codes, high plane and group parameters while the current block is computed
 // (batched decode and prefill tiles).
 struct PrefetchRanges {
-    const char* p[5];
-    int64_t n[5];
+    const char* p[6];
+    int64_t n[6];
     int k = 0, cnt = 0;
     void add(const void* ptr, int64_t bytes) {
         p[cnt] = static_cast<const char*>(ptr);
@@ -494,8 +494,8 @@ struct PrefetchRanges {
 inline void add_weight_rows(PrefetchRanges& pr, const QMatrix& w, int64_t ra, int64_t rb) {
     if (rb <= ra) return;
     const int64_t qstride = code_stride(w), ng = w.kp / w.group_size;
-    pr.add(w.q + ra * qstride, (rb - ra) * qstride);
-    if (w.bits == 3) pr.add(w.qh + ra * (w.kp / 8), (rb - ra) * (w.kp / 8));
+    // Group parameters (and int8's code sums) first: the block's decode reads
+    // them before the products read the codes.
     if (coded(w)) {
         pr.add(w.scale_codes + ra * ng, (rb - ra) * ng);
         pr.add(w.min_codes + ra * ng, (rb - ra) * ng);
@@ -504,6 +504,9 @@ inline void add_weight_rows(PrefetchRanges& pr, const QMatrix& w, int64_t ra, in
         pr.add(w.scales + ra * ng, (rb - ra) * ng * 2);
         if (w.bits != 8) pr.add(w.mins + ra * ng, (rb - ra) * ng * 2);
     }
+    if (w.code_sums) pr.add(w.code_sums + ra * (w.kp / QBLOCK), (rb - ra) * (w.kp / QBLOCK) * 2);
+    pr.add(w.q + ra * qstride, (rb - ra) * qstride);
+    if (w.bits == 3) pr.add(w.qh + ra * (w.kp / 8), (rb - ra) * (w.kp / 8));
 }
 
 namespace vnni_base {
@@ -531,8 +534,10 @@ namespace vnni_ext {
 // in place) and enter vpdpbusd as a broadcast 4-byte operand, so one block of
 // one weight row against 16 activation rows is 8 vpdpbusd into one int32
 // accumulator (started at -128 * the block's weight code sum, which undoes
-// the +128), then cvt, * (d_b lanes * s) and one FMA. The 8 planes of a block
-// are loaded once and used by C = 8 weight rows.
+// the +128; int8 takes the sums from QMatrix::code_sums when given, as a pass
+// over the codes for them would stall on memory with nothing to overlap),
+// then cvt, * (d_b lanes * s) and one FMA. The 8 planes of a block are loaded
+// once and used by C = 8 weight rows.
 struct VnniTiles {
     int64_t m = 0, ntile = 0, nb = 0, ng = 0, kp = 0;
     int group_size = 32;
@@ -648,6 +653,15 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
                 sm = _mm512_add_epi64(sm, _mm512_shuffle_epi32(sm, _MM_PERM_BADC));
                 const __m128i s4 = _mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, sm));
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(init + b), _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
+            }
+        }
+        if (w.bits == 8 && w.code_sums) {
+            // Codes used in place, their block sums given: 16 blocks per step.
+            const int16_t* cs = w.code_sums + r * nb;
+            for (; b < nb; b += 16) {
+                const __mmask16 bm = static_cast<__mmask16>(nb - b >= 16 ? 0xffffu : (1u << (nb - b)) - 1u);
+                const __m512i s16 = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(bm, cs + b));
+                _mm512_mask_storeu_epi32(init + b, bm, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s16, 7)));
             }
         }
         if (w.bits == 8) {

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -457,6 +458,61 @@ def test_cpu_backend_runs_int8_in_two_steps():
         got = backend.linear(x, backend.weight(qt, output=output))
         np.testing.assert_array_equal(got, want, err_msg=f"int{bits} output={output}")
         assert not np.array_equal(got, other), f"int{bits}: both step counts agree"
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 37, 200), (12, 101, 576), (40, 70, 1000), (3, 9, 100)])
+def test_int8_code_sums_give_the_same_products(m, n, k, restore_isa):
+    """int8 with its block code sums passed in (what the batched kernel uses instead
+    of summing the codes itself) gives bit-identical products on every ISA, in one
+    and two activation steps; the sums match a plain int64 sum."""
+    from runtime.quant.formats import block_code_sums
+    rng = rng_for("code-sums", m, n, k)
+    qt = quantize_rtn(make_weights(rng, n, k), 8, 32)
+    sums = block_code_sums(qt.q)
+    assert sums.dtype == np.int16
+    np.testing.assert_array_equal(
+        sums, qt.q.astype(np.int64).reshape(n, -1, 32).sum(axis=2))
+    x = make_x(rng, m, k)
+    args = (8, 32, qt.q, None, qt.scales, None, None)
+    for isa in ISAS:
+        _C.set_isa(isa)
+        for steps in (1, 2):
+            want = _C.qlinear(x, *args, act_steps=steps)
+            got = _C.qlinear(x, *args, act_steps=steps, code_sums=sums)
+            np.testing.assert_array_equal(got, want, err_msg=f"{isa} act_steps={steps}")
+
+
+def test_int8_code_sums_bad_input():
+    rng = rng_for("code-sums-bad")
+    qt = quantize_rtn(make_weights(rng, 5, 64), 8, 32)
+    x = make_x(rng, 2, 64)
+    args = (8, 32, qt.q, None, qt.scales, None, None)
+    good = np.zeros((5, 2), np.int16)
+    for bad, what in ((good.astype(np.int32), "int16"), (good[:4], "code_sums"),
+                      (np.zeros((5, 3), np.int16), "code_sums"), (np.zeros((5, 4), np.int16)[:, ::2], "code_sums")):
+        with pytest.raises(ValueError, match=what):
+            _C.qlinear(x, *args, code_sums=bad)
+    q4 = quantize_rtn(make_weights(rng, 5, 64), 4, 32)
+    with pytest.raises(ValueError, match="only int8"):
+        _C.qlinear(x, 4, 32, q4.q, q4.qh, q4.scales, q4.mins, q4.row_scale, code_sums=good)
+    with pytest.raises(ValueError, match="code_sums"):
+        replace(qt, code_sums=good[:, :1])
+
+
+def test_cpu_backend_keeps_int8_code_sums():
+    """CpuBackend.weight gives int8 matrices their block code sums (and only int8)."""
+    from runtime.backend_cpu import CpuBackend
+    from runtime.quant.formats import block_code_sums
+    rng = rng_for("backend-sums")
+    backend = CpuBackend()
+    for bits in (8, 4, 3):
+        qt = quantize_rtn(make_weights(rng, 7, 96), bits, 32)
+        w = backend.weight(qt)
+        if bits == 8:
+            np.testing.assert_array_equal(w.code_sums, block_code_sums(qt.q))
+            assert backend.weight(w) is w  # already prepared
+        else:
+            assert w.code_sums is None
 
 
 def test_scale_table_matches_the_python_format():

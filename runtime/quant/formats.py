@@ -235,6 +235,10 @@ class QuantizedTensor:
     # 2 = int8 blocks plus their quantized residual (~14 bits). A runtime choice
     # (CpuBackend.weight sets it), not part of the stored format.
     act_steps: int = field(default=1, compare=False)
+    # int8: each 32-code block's sum, int16 [N, Kp/32] (block_code_sums), kept
+    # next to the codes by CpuBackend.weight (6% more bytes) so the batched
+    # kernel need not re-read the codes for them. Runtime data, never stored.
+    code_sums: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_format(self.bits, self.group_size)
@@ -258,6 +262,10 @@ class QuantizedTensor:
                 raise ValueError("scales are uint8 codes but row_scale is missing")
             _expect("scales", self.scales, np.float16, (n, g))
             _expect("mins", self.mins, np.float16, (n, g))
+        if self.code_sums is not None:
+            if self.bits != 8:
+                raise ValueError(f"code_sums are for int8 only, not int{self.bits}")
+            _expect("code_sums", self.code_sums, np.int16, (n, kp // 32))
         if self.bits == 3:
             _expect("qh", self.qh, np.uint8, (n, kp // 8))
         elif self.qh is not None:
@@ -340,6 +348,13 @@ class QuantizedTensor:
         if self.row_scale is not None:
             out["row_scale"] = self.row_scale
         return out
+
+
+def block_code_sums(q: np.ndarray) -> np.ndarray:
+    """int8 codes [N, Kp] -> the sum of each 32-code block, int16 [N, Kp/32]
+    (|sum| <= 32 * 128, so int16 holds it exactly)."""
+    n, kp = q.shape
+    return q.reshape(n, kp // 32, 32).sum(axis=2, dtype=np.int16)
 
 
 def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
