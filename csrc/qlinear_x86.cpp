@@ -618,6 +618,26 @@ struct TileWeights {
     std::vector<float> sf, mf;                     // [rows][ng]
 };
 
+// int4 codes of 4 blocks (64 bytes; the 128-bit lane k is block k) out as
+// int8, low nibbles (codes 0-15) then high (16-31) per block, and -128 times
+// each block's code sum (from the nibble sums); the masks cut a last partial
+// step (out0: blocks 0-1, out1: 2-3, outs: the sums).
+LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void unpack4_blocks(__m512i W, int8_t* dst, int32_t* init,
+                                                                            __mmask64 out0, __mmask64 out1,
+                                                                            __mmask8 outs) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(W, m4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), m4);
+    _mm512_mask_storeu_epi8(dst, out0, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi));
+    _mm512_mask_storeu_epi8(dst + 64, out1,
+                            _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi));
+    __m512i sm = _mm512_add_epi64(_mm512_sad_epu8(lo, _mm512_setzero_si512()), _mm512_sad_epu8(hi, _mm512_setzero_si512()));
+    sm = _mm512_add_epi64(sm, _mm512_shuffle_epi32(sm, _MM_PERM_BADC));
+    const __m512i ixs = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128i s4 = _mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, sm));
+    _mm_mask_storeu_epi32(init, outs, _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
+}
+
 LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
     const int64_t qstride = code_stride(w);
@@ -634,26 +654,15 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
         int32_t* init = tw.init.data() + rr * nb;
         int64_t b = 0;
         if (w.bits == 4) {
-            // 4 blocks per step: the 128-bit lane k of a 64-byte load is block
-            // k; its low nibbles (codes 0-15) and high nibbles (16-31) go out
-            // in order, and the nibble sums give the block code sums.
-            const __m512i m4 = _mm512_set1_epi8(0x0F);
-            const __m512i ix0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-            const __m512i ix1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-            const __m512i ixs = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            // 4 blocks per step, the last 1-3 in one masked step.
             int8_t* dst = tw.codes.data() + rr * w.kp;
-            for (; b + 4 <= nb; b += 4) {
-                const __m512i W = _mm512_loadu_si512(q + b * 16);
-                const __m512i lo = _mm512_and_si512(W, m4);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), m4);
-                _mm512_storeu_si512(dst + b * 32, _mm512_permutex2var_epi64(lo, ix0, hi));
-                _mm512_storeu_si512(dst + b * 32 + 64, _mm512_permutex2var_epi64(lo, ix1, hi));
-                __m512i sm = _mm512_add_epi64(_mm512_sad_epu8(lo, _mm512_setzero_si512()),
-                                              _mm512_sad_epu8(hi, _mm512_setzero_si512()));
-                sm = _mm512_add_epi64(sm, _mm512_shuffle_epi32(sm, _MM_PERM_BADC));
-                const __m128i s4 = _mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, sm));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(init + b), _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
-            }
+            for (; b + 4 <= nb; b += 4)
+                unpack4_blocks(_mm512_loadu_si512(q + b * 16), dst + b * 32, init + b, ~0ULL, ~0ULL, 0xf);
+            if (const int64_t t = nb - b; t > 0)
+                unpack4_blocks(_mm512_maskz_loadu_epi8((1ULL << (16 * t)) - 1, q + b * 16), dst + b * 32, init + b,
+                               t >= 2 ? ~0ULL : 0xffffffffULL, t == 3 ? 0xffffffffULL : 0,
+                               static_cast<__mmask8>((1u << t) - 1));
+            b = nb;
         }
         if (w.bits == 8 && w.code_sums) {
             // Codes used in place, their block sums given: 16 blocks per step.
