@@ -143,6 +143,25 @@ def test_rms_norm(isa_threads, M, D):
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("M,D", [(1, 15), (3, 16), (2, 33), (17, 576), (16, 5632)])
+def test_rms_norm_same_bits_on_every_isa(M, D):
+    """Every ISA sums the squares in the same order (norm.cpp), so they agree exactly;
+    D off a multiple of 16 takes the scalar tail."""
+    rng = rng_for("rms-isa", M, D)
+    x = (rng.standard_normal((M, D)) * 30).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    old = _C.isa()
+    try:
+        outs = {}
+        for isa in _C.available_isas():
+            _C.set_isa(isa)
+            outs[isa] = _C.rms_norm(x, w, 1e-5)
+    finally:
+        _C.set_isa(old)
+    for isa, y in outs.items():
+        np.testing.assert_array_equal(y, outs["plain"], err_msg=isa)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("T,H,Dh,R", [(1, 1, 8, 8), (5, 3, 64, 64), (7, 2, 64, 32), (3, 4, 10, 4),
                                       (33, 9, 128, 128), (2, 1, 6, 6)])
