@@ -674,8 +674,8 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
             }
         }
         if (w.bits == 8) {
-            // Codes used in place; only the block code sums, 4 blocks per
-            // step: sad of (code ^ 0x80) = code + 128 summed per qword, the
+            // Codes used in place; without code_sums their block sums come
+            // from here, 4 blocks per step: sad of (code ^ 0x80) = code + 128 summed per qword, the
             // qwords of each block added by two rounds of pair sums.
             const __m512i flip8 = _mm512_set1_epi8(static_cast<char>(0x80));
             const __m512i ev = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
