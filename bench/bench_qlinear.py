@@ -17,7 +17,9 @@ compare on another machine).
 Batched decode (M = 2..16 rows, a continuous-batching engine's decode step)
 reads cold weights like M=1 and should cost little more while the weight
 read dominates: reported as weight GB/s (against the read bandwidth, as
-M=1) and GOP/s, for TinyLlama-1.1B's MLP shapes at int4 g32.
+M=1) and GOP/s, for TinyLlama-1.1B's MLP shapes at int4 g32, and SmolLM2's
+int8 output layer at 16 rows (int8 matrices carry their block code sums, as
+the runtime gives them).
 
 Shapes are (N, K) with w [N, K]: 4096x4096 (attention), 11008x4096 (MLP up,
 4096 -> 11008), 4096x11008 (MLP down) of LLaMA-7B, 5632x2048 and 2048x5632 of
@@ -34,7 +36,7 @@ import numpy as np
 import pytest
 
 from runtime import _C
-from runtime.quant.formats import QuantizedTensor
+from runtime.quant.formats import QuantizedTensor, block_code_sums
 
 from .conftest import MACHINE_THREADS
 
@@ -48,6 +50,9 @@ M1_CASES = [(n, k, bits, g, t) for (bits, g) in FORMATS for (n, k) in SHAPES for
             if g == 64 or (n, k) in ((4096, 4096), (4096, 11008))]
 F16_CASES = [(n, k, t) for (n, k) in SHAPES for t in THREADS]
 BATCH_CASES = [(m, n, k, 4, 32, MACHINE_THREADS) for (n, k) in SHAPES[3:] for m in (2, 4, 8, 16)]
+# SmolLM2's int8 output layer (49152 x 576) at 16 streams: the prefill tiles
+# with the block code sums the runtime keeps for int8.
+BATCH_CASES += [(16, 49152, 576, 8, 32, MACHINE_THREADS)]
 PREFILL_CASES = [(512, n, k, 4, 64, MACHINE_THREADS) for n, k in SHAPES[:3]]
 PREFILL_CASES += [(16, 4096, 4096, 4, 64, MACHINE_THREADS), (512, 4096, 4096, 3, 64, MACHINE_THREADS),
                   (512, 4096, 4096, 8, 64, MACHINE_THREADS)]
@@ -58,7 +63,8 @@ def random_qtensor(rng, n: int, k: int, bits: int, g: int) -> QuantizedTensor:
     if bits == 8:
         scales = (rng.random((n, ng), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
         q = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
-        return QuantizedTensor(8, g, (n, k), q, scales)
+        # With its block code sums, as CpuBackend.weight gives every int8 matrix.
+        return QuantizedTensor(8, g, (n, k), q, scales, code_sums=block_code_sums(q))
     codes = rng.integers(180, 256, size=(n, ng), dtype=np.uint8)     # scales within ~2^-5 of the row's
     mins = rng.integers(-128, 0, size=(n, ng), dtype=np.int8)
     row_scale = (rng.random(n, dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
@@ -70,11 +76,12 @@ def random_qtensor(rng, n: int, k: int, bits: int, g: int) -> QuantizedTensor:
 def copy_qtensor(t: QuantizedTensor) -> QuantizedTensor:
     c = lambda a: None if a is None else a.copy()
     return QuantizedTensor(t.bits, t.group_size, t.shape, c(t.q), c(t.scales), c(t.mins), c(t.qh),
-                           c(t.row_scale))
+                           c(t.row_scale), code_sums=c(t.code_sums))
 
 
 def call(x, t: QuantizedTensor, out):
-    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, t.row_scale, out)
+    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, t.row_scale, out,
+                      code_sums=t.code_sums)
 
 
 def _bw_report(benchmark, read_bw, report, label, nbytes, threads, bw_before):

@@ -753,16 +753,18 @@ LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void store_rows8(const 
 }
 
 // One tile (16 activation rows; nl of them real) x C weight rows: out[l * ldo + c] = y.
+// With `pf`, pfb more bytes of it are prefetched at each group.
 template <int C, int BPG, bool MINS>
 LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* codes, int64_t cstride,
                                const int32_t* init, const float* sf, const float* mf,
-                               float* out, int64_t ldo, int64_t nl) {
+                               float* out, int64_t ldo, int64_t nl, PrefetchRanges* pf, int64_t pfb) {
     const int64_t nb = tl.nb, ng = tl.ng;
     const uint8_t* xq = tl.xq.data() + T * nb * 512;
     const float* dl = tl.dl.data() + T * nb * 16;
     __m512 f[C];
     for (int c = 0; c < C; ++c) f[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
+        if (pf) pf->run(pfb);
         __m512 u[C];  // sum over the group's blocks of d_b * dot_b, then * s once
 #pragma GCC unroll 4
         for (int bb = 0; bb < BPG; ++bb) {
@@ -814,13 +816,13 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
 
 template <int C, int BPG, bool MINS>
 void tile16_rows(const QMatrix& w, const VnniTiles& tl, int64_t T, const TileWeights& tw, int64_t ra,
-                 int64_t c0, float* out, int64_t ldo) {
+                 int64_t c0, float* out, int64_t ldo, PrefetchRanges* pf = nullptr, int64_t pfb = 0) {
     const int64_t nb = tl.nb, ng = tl.ng, rr = c0 - ra;
     const int8_t* codes = w.bits == 8 ? reinterpret_cast<const int8_t*>(w.q) + c0 * w.kp
                                       : tw.codes.data() + rr * w.kp;
     tile16<C, BPG, MINS>(tl, T, codes, w.kp, tw.init.data() + rr * nb, tw.sf.data() + rr * ng,
                          MINS ? tw.mf.data() + rr * ng : nullptr, out + T * 16 * ldo + c0, ldo,
-                         std::min<int64_t>(16, tl.m - T * 16));
+                         std::min<int64_t>(16, tl.m - T * 16), pf, pfb);
 }
 
 template <int BPG, bool MINS>
@@ -839,15 +841,25 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
         // The next block's packed weights come into L2 a slice per 8-row
         // step, under the computation, instead of stalling its decode.
         // Past r1 too: a thread's next chunk (parallel_chunks) usually starts there.
+        // One tile (batched decode) spreads each slice over the step's groups:
+        // a burst of prefetches stalls the thread once the memory system's
+        // queue is full (cold weights at 16 rows, 2 threads, alternating:
+        // 8-14% faster; prefill, whose weights are reused by every tile,
+        // keeps the burst, 3-5% faster there).
         PrefetchRanges next;
         add_weight_rows(next, w, rb, std::min(w.n, rb + rbk));
         const int64_t steps = std::max<int64_t>(1, (rb - ra) / 8);  // all of it during the first tile
         const int64_t slice = (next.total() + steps - 1) / steps;
+        const bool spread = tl.ntile == 1;
         for (int64_t T = 0; T < tl.ntile; ++T) {
             int64_t c0 = ra;
             for (; c0 + 8 <= rb; c0 += 8) {
-                next.run(slice);
-                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+                if (spread) {
+                    tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, &next, (slice + tl.ng - 1) / tl.ng);
+                } else {
+                    next.run(slice);
+                    tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+                }
             }
             if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
             if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
