@@ -132,10 +132,11 @@ bool cpu_has_avx512_vnni();
 // AVX-512 VNNI has three kernels by the number of activation rows m, each
 // with its activations rearranged once per call and shared by the threads
 // (so none has the QGemmFn form): decode (m = 1, qgemm_avx512_decode),
-// batched decode (1 < m < vnni_tile_min_rows(kp)) and prefill tiles (from there). The batched kernel's cost grows with m in steps
-// of 2 rows, the tiles' in steps of 16 (one tile) plus a fixed part that
-// grows with K: with K >= 1024 batched decode is the faster up to 32 rows,
-// with shorter K the tiles are from 10.
+// batched decode (1 < m < vnni_tile_min_rows(kp)) and prefill tiles (from
+// there). The batched kernel's cost grows with m in steps of 2 rows, the
+// tiles' in steps of 16 (one tile) plus a fixed part that grows with K: with
+// K >= 1024 batched decode is the faster up to 32 rows, with shorter K the
+// tiles are from 10.
 inline int64_t vnni_tile_min_rows(int64_t kp) { return kp >= 1024 ? 32 : 10; }
 
 // AVX-512 VNNI prefill: the activation rows are rearranged once per call

@@ -670,13 +670,14 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
             for (; b < nb; b += 16) {
                 const __mmask16 bm = static_cast<__mmask16>(nb - b >= 16 ? 0xffffu : (1u << (nb - b)) - 1u);
                 const __m512i s16 = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(bm, cs + b));
-                _mm512_mask_storeu_epi32(init + b, bm, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s16, 7)));
+                _mm512_mask_storeu_epi32(init + b, bm, _mm512_mullo_epi32(s16, _mm512_set1_epi32(-128)));
             }
         }
         if (w.bits == 8) {
             // Codes used in place; without code_sums their block sums come
-            // from here, 4 blocks per step: sad of (code ^ 0x80) = code + 128 summed per qword, the
-            // qwords of each block added by two rounds of pair sums.
+            // from here, 4 blocks per step: sad of (code ^ 0x80) = code + 128
+            // summed per qword, the qwords of each block added by two rounds
+            // of pair sums.
             const __m512i flip8 = _mm512_set1_epi8(static_cast<char>(0x80));
             const __m512i ev = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
             const __m512i od = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
@@ -851,15 +852,13 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
         const int64_t steps = std::max<int64_t>(1, (rb - ra) / 8);  // all of it during the first tile
         const int64_t slice = (next.total() + steps - 1) / steps;
         const bool spread = tl.ntile == 1;
+        PrefetchRanges* pf = spread ? &next : nullptr;
+        const int64_t per_group = (slice + tl.ng - 1) / tl.ng;
         for (int64_t T = 0; T < tl.ntile; ++T) {
             int64_t c0 = ra;
             for (; c0 + 8 <= rb; c0 += 8) {
-                if (spread) {
-                    tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, &next, (slice + tl.ng - 1) / tl.ng);
-                } else {
-                    next.run(slice);
-                    tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
-                }
+                if (!spread) next.run(slice);
+                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, pf, per_group);
             }
             if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
             if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
