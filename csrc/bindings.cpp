@@ -401,10 +401,38 @@ py::tuple quantize_acts(const py::array& x, int64_t kp) {
     return py::make_tuple(q, d, sums);
 }
 
+// qlinear's prefetch argument: (k, v, ranges) -> a PrefetchPlan over the
+// arrays' bytes (qlinear.h), every range checked to lie inside both.
+lingli::PrefetchPlan prefetch_plan(const py::object& o) {
+    static const std::string kWhat =
+        "qlinear: prefetch must be None or a tuple (k, v, ranges): two C-contiguous arrays of the "
+        "same byte size and ranges int64 [n, 2] of (byte offset, bytes) inside them";
+    if (!py::isinstance<py::tuple>(o) || py::len(o) != 3) fail(kWhat);
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(o);
+    for (int i = 0; i < 2; ++i)
+        if (!py::isinstance<py::array>(t[i])) fail(kWhat);
+    const py::array k = t[0].cast<py::array>(), v = t[1].cast<py::array>();
+    if (!(k.flags() & py::array::c_style) || !(v.flags() & py::array::c_style) || k.nbytes() != v.nbytes())
+        fail(kWhat + "; got k " + shape_str(k) + " and v " + shape_str(v));
+    if (!py::isinstance<py::array>(t[2])) fail(kWhat);
+    const py::array r = t[2].cast<py::array>();
+    if (!r.dtype().is(py::dtype::of<int64_t>())) fail(kWhat + "; ranges is " + std::string(py::str(r.dtype())));
+    check_array(r, "qlinear: prefetch ranges", 2, "[n, 2]");
+    if (r.shape(1) != 2) fail("qlinear: prefetch ranges has shape " + shape_str(r) + ", expected (n, 2)");
+    const int64_t* rp = static_cast<const int64_t*>(r.data());
+    const int64_t n = r.shape(0), size = k.nbytes();
+    for (int64_t i = 0; i < n; ++i)
+        if (rp[2 * i] < 0 || rp[2 * i + 1] < 0 || rp[2 * i] > size - rp[2 * i + 1])
+            fail("qlinear: prefetch range " + std::to_string(i) + " (offset " + std::to_string(rp[2 * i]) +
+                 ", " + std::to_string(rp[2 * i + 1]) + " bytes) is outside the arrays' " + std::to_string(size) +
+                 " bytes");
+    return {{static_cast<const char*>(k.data()), static_cast<const char*>(v.data())}, rp, n};
+}
+
 py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
                   const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
                   const py::object& row_scale_obj, const py::object& out_obj, int act_steps,
-                  const py::object& code_sums_obj) {
+                  const py::object& code_sums_obj, const py::object& prefetch_obj) {
     if (act_steps != 1 && act_steps != 2)
         fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
     if (bits != 8 && bits != 4 && bits != 3)
@@ -500,6 +528,9 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         for (const py::array& in : inputs)
             if (overlaps(out, in)) fail("qlinear: out must not overlap its inputs");
     }
+    // (The tuple's arrays outlive the call: the caller holds the tuple.)
+    lingli::PrefetchPlan plan{};
+    if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
     const void* sp = scales.data();
     lingli::QMatrix w{bits, group_size, N, K, Kp, static_cast<const uint8_t*>(q.data()), qhp,
                       coded ? nullptr : static_cast<const uint16_t*>(sp),
@@ -513,7 +544,7 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         if (M > 0 && N > 0 && Kp == 0) {
             std::fill(yp, yp + M * N, 0.f);
         } else {
-            lingli::qlinear(xp, M, w, yp, act_steps);
+            lingli::qlinear(xp, M, w, yp, act_steps, plan.n > 0 ? &plan : nullptr);
         }
     }
     return out;
@@ -579,7 +610,7 @@ PYBIND11_MODULE(_C, m) {
           "sums int32 [M,kp/32]) with d = max|x|/127, q = nearbyint(x/d); inputs past K are 0.");
     m.def("qlinear", &qlinear, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("q"),
           py::arg("qh"), py::arg("scales"), py::arg("mins"), py::arg("row_scale"), py::arg("out") = py::none(),
-          py::arg("act_steps") = 1, py::arg("code_sums") = py::none(),
+          py::arg("act_steps") = 1, py::arg("code_sums") = py::none(), py::arg("prefetch") = py::none(),
           "y[M,N] = x[M,K] @ W.T for W in Lingli's int8/int4/int3 layout (runtime.quant.formats); "
           "x is quantized to int8 per 32-input block on the fly (act_steps=2: plus its residual, "
           "~14-bit activations). int8: scales float16 [N, Kp/G], mins and row_scale None. "
@@ -588,7 +619,9 @@ PYBIND11_MODULE(_C, m) {
           "row_scale float32 [N]: s = row_scale * scale_table()[code], m = (s * min code) * 0.125. "
           "int8 may take code_sums int16 [N, Kp/32], each 32-code block's sum "
           "(runtime.quant.formats.block_code_sums): the batched kernel then skips a pass over "
-          "the codes (they must be the true sums). Writes into `out` if given.");
+          "the codes (they must be the true sums). Writes into `out` if given. prefetch (k, v, ranges): "
+          "memory the caller reads next (ranges int64 [n, 2] of byte offset and length, each in both "
+          "arrays), which the batched kernels bring into L2 under the products; results are the same.");
     m.def("scale_table", [] {
         py::array_t<float> t(256);
         float* p = t.mutable_data();

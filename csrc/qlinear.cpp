@@ -186,8 +186,17 @@ static int64_t row_grain(int64_t n, int nt, int64_t per) {
 }
 
 // Runs the products for activations already quantized (acts.m rows).
-static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* out) {
+static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* out,
+                       const PrefetchPlan* plan) {
     const int64_t m = acts.m;
+    PlanShare share;
+    if (plan && plan->n > 0) {
+        int64_t total = 0;
+        for (int64_t i = 0; i < plan->n; ++i) total += 2 * plan->ranges[2 * i + 1];
+        share.plan = plan;
+        share.per_row = (total + w.n - 1) / w.n;
+    }
+    PlanShare* ps = share.plan ? &share : nullptr;
     // Work ~ weight bytes for decode; for prefill the products dominate.
     int nt = threads_for_bytes(w.n * row_bytes(w) + m * w.n * w.kp / 16);
     if (nt > w.n) nt = static_cast<int>(w.n);
@@ -198,7 +207,7 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
         parallel_ranges(vnni_tile_count(tiles), nt,
                         [&](int64_t t0, int64_t t1) { vnni_tiles_fill(tiles, acts, t0, t1); });
         parallel_chunks(w.n, nt, row_grain(w.n, nt, 4),
-                        [&](int64_t r0, int64_t r1) { qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n); });
+                        [&](int64_t r0, int64_t r1) { qgemm_avx512_tiles(w, tiles, r0, r1, out, w.n, ps); });
         return;
     }
     if (path == QPath::Avx512Vnni && m == 1) {
@@ -213,7 +222,7 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
         VnniFew* few = vnni_few(w, acts);
         vnni_few_fill(few, w, acts);
         parallel_chunks(w.n, nt, row_grain(w.n, nt, 4),
-                        [&](int64_t r0, int64_t r1) { qgemm_avx512_few(w, few, r0, r1, out, w.n); });
+                        [&](int64_t r0, int64_t r1) { qgemm_avx512_few(w, few, r0, r1, out, w.n, ps); });
         return;
     }
 #endif
@@ -222,7 +231,7 @@ static void qgemm_rows(QPath path, const QMatrix& w, const QActs& acts, float* o
                     [&](int64_t r0, int64_t r1) { fn(w, acts, r0, r1, out, w.n); });
 }
 
-void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps) {
+void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps, const PrefetchPlan* plan) {
     if (m <= 0 || w.n <= 0) return;
     const QPath path = qpath();
     const QuantFn quant = quant_for(path);
@@ -237,7 +246,7 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_st
     sbuf.resize(static_cast<size_t>(rows * nb));
     quantize_acts_with(quant, x, m, w.k, w.kp, qbuf.data(), dbuf.data(), sbuf.data());
     if (act_steps != 2) {
-        qgemm_rows(path, w, QActs{m, w.kp, qbuf.data(), dbuf.data(), sbuf.data()}, out);
+        qgemm_rows(path, w, QActs{m, w.kp, qbuf.data(), dbuf.data(), sbuf.data()}, out, plan);
         return;
     }
     // Two-step activations: rows [m, 2m) quantize what the int8 codes of rows
@@ -258,7 +267,7 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_st
     });
     quantize_acts_with(quant, resid.data(), m, w.k, w.kp, qbuf.data() + m * w.kp, dbuf.data() + m * nb,
                        sbuf.data() + m * nb);
-    qgemm_rows(path, w, QActs{rows, w.kp, qbuf.data(), dbuf.data(), sbuf.data()}, both.data());
+    qgemm_rows(path, w, QActs{rows, w.kp, qbuf.data(), dbuf.data(), sbuf.data()}, both.data(), plan);
     for (int64_t i = 0; i < m * w.n; ++i) out[i] = both[i] + both[m * w.n + i];
 }
 

@@ -14,6 +14,7 @@
 // (int8 weights are symmetric: the m term is absent.) Every ISA computes the
 // same integer block dots, so paths differ only in float summation order.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -97,6 +98,26 @@ inline int64_t row_bytes(const QMatrix& w) {
     return w.kp * w.bits / 8 + (w.bits == 8 ? 2 * ng : coded(w) ? 2 * ng + 4 : 4 * ng);
 }
 
+// Memory the caller reads right after a product: the next attention's K and V
+// blocks, which a decode step otherwise finds cold (every layer's weights
+// pass through the cache in between). The batched kernels prefetch it into
+// L2 under their arithmetic, at an even rate per weight row, so it streams in
+// while the vector units are the bottleneck instead of stalling attention.
+// The same ranges are read in both bases (K and V of one layer).
+struct PrefetchPlan {
+    const char* base[2];
+    const int64_t* ranges;  // [n][2]: byte offset, bytes
+    int64_t n;
+};
+
+// One product's plan, shared by its threads: each takes the next range when
+// it has issued the last, `per_row` bytes of prefetch per weight row done.
+struct PlanShare {
+    const PrefetchPlan* plan = nullptr;
+    std::atomic<int64_t> next{0};
+    int64_t per_row = 0;
+};
+
 struct QActs {
     int64_t m, kp;            // rows of x, padded inputs (same kp as the weights)
     const int8_t* q;          // [m, kp]
@@ -149,7 +170,7 @@ VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a);
 int64_t vnni_tile_count(const VnniTiles* t);
 void vnni_tiles_fill(VnniTiles* t, const QActs& a, int64_t t0, int64_t t1);
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
-                        int64_t ldo);
+                        int64_t ldo, PlanShare* plan = nullptr);
 
 // AVX-512 VNNI decode (m = 1): vnni_prep() rearranges the activations into
 // the calling thread's buffer (serially), qgemm_avx512_decode() takes weight
@@ -164,7 +185,8 @@ void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_
 struct VnniFew;
 VnniFew* vnni_few(const QMatrix& w, const QActs& a);
 void vnni_few_fill(VnniFew* f, const QMatrix& w, const QActs& a);
-void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo);
+void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo,
+                      PlanShare* plan = nullptr);
 #endif
 
 // ------------------------------------------------------------ dispatcher ---
@@ -180,7 +202,10 @@ void quantize_acts(const float* x, int64_t m, int64_t k, int64_t kp,
 // act_steps = 2 also quantizes the residual x - d * q to int8 and adds its
 // product: ~14-bit activations at the cost of twice the multiplies (the
 // weights are still read once), for inputs whose outliers int8 blocks lose.
-void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps = 1);
+// `plan` (may be null): memory to prefetch under the products (PrefetchPlan);
+// the batched AVX-512 VNNI kernels take it, the others ignore it.
+void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps = 1,
+             const PrefetchPlan* plan = nullptr);
 
 // Name of the quantized kernel current_isa() selects ("plain", "avx2",
 // "avx512_vnni", "neon", "neon_dot"), for benchmarks and tests.

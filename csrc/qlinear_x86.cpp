@@ -58,6 +58,7 @@
 // madd with ones, convert, one FMA per block and activation row.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -490,6 +491,45 @@ struct PrefetchRanges {
     }
 };
 
+// A thread's share of a PrefetchPlan (qlinear.h): ranges taken one at a time
+// from the product's PlanShare (K and V of a range enter as two slots), then
+// issued a slice at a time under the kernel's steps.
+struct PlanFeed {
+    PlanShare* s;      // null once the plan is used up
+    int64_t per_row;   // bytes to issue per weight row done (0: no plan)
+    PrefetchRanges cur;
+    explicit PlanFeed(PlanShare* share) : s(share), per_row(share ? share->per_row : 0) {}
+    // Tops `cur` up to `bytes` pending, or as far as the plan goes.
+    void fill(int64_t bytes) {
+        int64_t have = cur.total();
+        if (!s || have >= bytes) return;
+        int j = 0;
+        for (int i = cur.k; i < cur.cnt; ++i, ++j) {
+            cur.p[j] = cur.p[i];
+            cur.n[j] = cur.n[i];
+        }
+        cur.k = 0;
+        cur.cnt = j;
+        while (have < bytes && cur.cnt + 2 <= 6) {
+            const int64_t i = s->next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= s->plan->n) {
+                s = nullptr;
+                return;
+            }
+            const int64_t off = s->plan->ranges[2 * i], nb = s->plan->ranges[2 * i + 1];
+            cur.add(s->plan->base[0] + off, nb);
+            cur.add(s->plan->base[1] + off, nb);
+            have += 2 * nb;
+        }
+    }
+    void run(int64_t bytes) {
+        fill(bytes);
+        cur.run(bytes);
+    }
+    // Whatever this thread took and has not issued yet.
+    void finish() { cur.run(cur.total()); }
+};
+
 // Every byte of weight rows [ra, rb): codes, int3 high plane, group parameters.
 inline void add_weight_rows(PrefetchRanges& pr, const QMatrix& w, int64_t ra, int64_t rb) {
     if (rb <= ra) return;
@@ -758,7 +798,8 @@ LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void store_rows8(const 
 template <int C, int BPG, bool MINS>
 LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* codes, int64_t cstride,
                                const int32_t* init, const float* sf, const float* mf,
-                               float* out, int64_t ldo, int64_t nl, PrefetchRanges* pf, int64_t pfb) {
+                               float* out, int64_t ldo, int64_t nl, PrefetchRanges* pf, int64_t pfb,
+                               PrefetchRanges* pf2, int64_t pfb2) {
     const int64_t nb = tl.nb, ng = tl.ng;
     const uint8_t* xq = tl.xq.data() + T * nb * 512;
     const float* dl = tl.dl.data() + T * nb * 16;
@@ -766,6 +807,7 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
     for (int c = 0; c < C; ++c) f[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         if (pf) pf->run(pfb);
+        if (pf2) pf2->run(pfb2);
         __m512 u[C];  // sum over the group's blocks of d_b * dot_b, then * s once
 #pragma GCC unroll 4
         for (int bb = 0; bb < BPG; ++bb) {
@@ -817,18 +859,22 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
 
 template <int C, int BPG, bool MINS>
 void tile16_rows(const QMatrix& w, const VnniTiles& tl, int64_t T, const TileWeights& tw, int64_t ra,
-                 int64_t c0, float* out, int64_t ldo, PrefetchRanges* pf = nullptr, int64_t pfb = 0) {
+                 int64_t c0, float* out, int64_t ldo, PrefetchRanges* pf = nullptr, int64_t pfb = 0,
+                 PrefetchRanges* pf2 = nullptr, int64_t pfb2 = 0) {
     const int64_t nb = tl.nb, ng = tl.ng, rr = c0 - ra;
     const int8_t* codes = w.bits == 8 ? reinterpret_cast<const int8_t*>(w.q) + c0 * w.kp
                                       : tw.codes.data() + rr * w.kp;
     tile16<C, BPG, MINS>(tl, T, codes, w.kp, tw.init.data() + rr * nb, tw.sf.data() + rr * ng,
                          MINS ? tw.mf.data() + rr * ng : nullptr, out + T * 16 * ldo + c0, ldo,
-                         std::min<int64_t>(16, tl.m - T * 16), pf, pfb);
+                         std::min<int64_t>(16, tl.m - T * 16), pf, pfb, pf2, pfb2);
 }
 
 template <int BPG, bool MINS>
-void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, float* out, int64_t ldo,
+               PlanShare* plan) {
     thread_local TileWeights tw;
+    PlanFeed feed(plan);
+    const int64_t plan_row = feed.per_row;
     // Weight rows per block: their decoded codes stay in L2 while every tile
     // passes. One tile (batched decode, at most 16 rows) passes once: blocks of
     // 32 rows, decoded from L2 where the previous block's steps prefetched them
@@ -858,24 +904,36 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
             int64_t c0 = ra;
             for (; c0 + 8 <= rb; c0 += 8) {
                 if (!spread) next.run(slice);
-                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, pf, per_group);
+                // The caller's plan: spread over the groups like `next` (one
+                // tile), else a burst per step of the first tile.
+                PrefetchRanges* pf2 = nullptr;
+                if (plan_row && spread) {
+                    feed.fill(8 * plan_row);
+                    pf2 = &feed.cur;
+                } else if (plan_row && T == 0) {
+                    feed.run(8 * plan_row);
+                }
+                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, pf, per_group, pf2,
+                                          (8 * plan_row + tl.ng - 1) / tl.ng);
             }
+            if (plan_row && T == 0) feed.run((rb - c0) * plan_row);
             if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
             if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
             if (c0 < rb) tile16_rows<1, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
         }
     }
+    feed.finish();
 }
 
 }  // namespace
 
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
-                        int64_t ldo) {
+                        int64_t ldo, PlanShare* plan) {
     const bool mins = w.bits != 8;
     switch (w.group_size / QBLOCK) {
-        case 1: mins ? run_tiles<1, true>(w, *t, r0, r1, out, ldo) : run_tiles<1, false>(w, *t, r0, r1, out, ldo); break;
-        case 2: mins ? run_tiles<2, true>(w, *t, r0, r1, out, ldo) : run_tiles<2, false>(w, *t, r0, r1, out, ldo); break;
-        default: mins ? run_tiles<4, true>(w, *t, r0, r1, out, ldo) : run_tiles<4, false>(w, *t, r0, r1, out, ldo); break;
+        case 1: mins ? run_tiles<1, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<1, false>(w, *t, r0, r1, out, ldo, plan); break;
+        case 2: mins ? run_tiles<2, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<2, false>(w, *t, r0, r1, out, ldo, plan); break;
+        default: mins ? run_tiles<4, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<4, false>(w, *t, r0, r1, out, ldo, plan); break;
     }
 }
 
@@ -978,15 +1036,19 @@ void qgemm_avx2(const QMatrix& w, const QActs& a, int64_t r0, int64_t r1, float*
     }
 }
 
-void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+void qgemm_avx512_few(const QMatrix& w, const VnniFew* f, int64_t r0, int64_t r1, float* out, int64_t ldo,
+                      PlanShare* plan) {
+    PlanFeed feed(plan);
+    PlanFeed* fp = plan ? &feed : nullptr;
     switch (w.bits) {
-        case 8: vnni_base::run_few_bits<8>(w, *f, r0, r1, out, ldo); break;
-        case 4: vnni_base::run_few_bits<4>(w, *f, r0, r1, out, ldo); break;
+        case 8: vnni_base::run_few_bits<8>(w, *f, r0, r1, out, ldo, fp); break;
+        case 4: vnni_base::run_few_bits<4>(w, *f, r0, r1, out, ldo, fp); break;
         default:
-            if (cpu_has_vnni_ext()) vnni_ext::run_few_bits<3>(w, *f, r0, r1, out, ldo);
-            else vnni_base::run_few_bits<3>(w, *f, r0, r1, out, ldo);
+            if (cpu_has_vnni_ext()) vnni_ext::run_few_bits<3>(w, *f, r0, r1, out, ldo, fp);
+            else vnni_base::run_few_bits<3>(w, *f, r0, r1, out, ldo, fp);
             break;
     }
+    feed.finish();
 }
 
 void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_t r1, float* out) {

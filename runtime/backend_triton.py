@@ -81,7 +81,15 @@ class TritonBackend:
         return _tensor(w).to(self.device)
 
     # ---------------------------------------------------------------- ops
-    def linear(self, x: "torch.Tensor", w, bias: "torch.Tensor | None" = None) -> "torch.Tensor":
+    # The CPU backend's cache prefetch under the products; a GPU has no use for it.
+    def kv_ranges(self, cache: PagedKVCache, batch: BatchKV, positions: "torch.Tensor") -> None:
+        return None
+
+    def kv_prefetch(self, cache: PagedKVCache, layer: int, ranges: None) -> None:
+        return None
+
+    def linear(self, x: "torch.Tensor", w, bias: "torch.Tensor | None" = None,
+               prefetch: None = None) -> "torch.Tensor":
         if isinstance(w, torch.Tensor):
             y = x @ w.T
         else:

@@ -47,13 +47,14 @@ def _cat_rows(parts: list, be) -> np.ndarray | QuantizedTensor | RowStack:
     return be.weight(np.concatenate(parts))
 
 
-def _linear(be, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndarray:
+def _linear(be, x: np.ndarray, w, bias: np.ndarray | None, prefetch=None) -> np.ndarray:
     if isinstance(w, RowStack):
-        y = be.cat([be.linear(x, p) for p in w.parts])
+        y = be.cat([be.linear(x, p, prefetch=prefetch if i == 0 else None)
+                    for i, p in enumerate(w.parts)])
         if bias is not None:
             y += bias
         return y
-    return be.linear(x, w, bias)
+    return be.linear(x, w, bias, prefetch=prefetch)
 
 
 @dataclass
@@ -142,9 +143,13 @@ class LlamaModel:
         hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         positions, batch = be.forward_inputs(positions, batch)  # on the backend's device
         x = be.embedding(self.embed, tokens)                                  # [T, H]
+        # The cache blocks attention will read: each layer's q/k/v product
+        # brings them in under its arithmetic (backend's choice; None: none).
+        ranges = be.kv_ranges(cache, batch, positions)
         for i, lw in enumerate(self.layers):
             h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-            qkv = _linear(be, h, lw.wqkv, lw.bqkv)                            # [T, (hq+2hkv)dh]
+            qkv = _linear(be, h, lw.wqkv, lw.bqkv,                            # [T, (hq+2hkv)dh]
+                          be.kv_prefetch(cache, i, ranges))
             q = be.contiguous(qkv[:, :hq * dh]).reshape(T, hq, dh)
             k = be.contiguous(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
             v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)

@@ -589,3 +589,30 @@ def test_neon_linear_matches_plain_under_qemu(tmp_path):
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kv_ranges_cover_the_blocks_attention_reads():
+    """CpuBackend.kv_ranges: the byte spans of exactly the blocks a forward pass's
+    attention reads (each sequence's blocks up to its last token's position),
+    the same in every layer's K and V; none for a single token."""
+    from runtime.backend_cpu import CpuBackend
+    from runtime.kv_cache import BatchKV, PagedKVCache
+    be = CpuBackend()
+    cache = PagedKVCache(2, 30, 4, 3, 8, pool=be.kv_pool)
+    tables = np.array([[7, 2, 9, 0], [11, 0, 0, 0], [5, 6, 1, 3]], np.int32)
+    # seq 0 decodes at 9, seq 1 at 0; seq 2 runs a chunk at positions 4-12
+    seq_ids = np.array([0, 1] + [2] * 9, np.int32)
+    positions = np.array([9, 0] + list(range(4, 13)), np.int32)
+    ranges = be.kv_ranges(cache, BatchKV(tables, seq_ids), positions)
+    want = set()
+    for s, p in zip(seq_ids, positions):
+        want |= {int(tables[s, q // 4]) for q in range(p + 1)}
+    assert sorted(want) == [1, 2, 3, 5, 6, 7, 9, 11]
+    for layer in range(2):
+        for a in (cache.k[layer], cache.v[layer]):
+            spans = {(a[b].ctypes.data - a.ctypes.data, a[b].nbytes) for b in want}
+            assert {tuple(r) for r in ranges.tolist()} == spans and len(ranges) == len(want)
+    k, v, r = be.kv_prefetch(cache, 1, ranges)
+    assert k is cache.k[1] and v is cache.v[1] and r is ranges
+    assert be.kv_ranges(cache, BatchKV(tables[:1], seq_ids[:1]), positions[:1]) is None
+    assert be.kv_prefetch(cache, 0, None) is None

@@ -519,3 +519,54 @@ def test_scale_table_matches_the_python_format():
     """The kernels decode int4/int3 scale codes with the same 256 float32 values."""
     from runtime.quant.formats import SCALE_TABLE
     np.testing.assert_array_equal(_C.scale_table(), SCALE_TABLE)
+
+
+def _kv_arrays(blocks=40, per=(3, 16, 64)):
+    k = np.zeros((blocks,) + per, np.float16)
+    return k, np.ones_like(k), k[0].nbytes
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 70, 300), (16, 200, 576), (12, 101, 576), (40, 70, 1000),
+                                   (16, 300, 2048), (5, 33, 1100)])
+def test_prefetch_plan_gives_the_same_products(m, n, k, restore_isa):
+    """qlinear's prefetch plan (the next attention's KV blocks) changes no bit of
+    the products on any ISA or kernel (decode, batched decode, one tile, many
+    tiles) or thread count, whether the plan is empty, used up after one range
+    (one thread then goes on through more row blocks asking for more) or larger
+    than the rows can spread."""
+    rng = rng_for("prefetch-plan", m, n, k)
+    kc, vc, per = _kv_arrays()
+    plans = [np.zeros((0, 2), np.int64),
+             np.array([[3 * per, per]], np.int64),
+             np.stack([np.arange(40) * per, np.full(40, per)], 1).astype(np.int64),
+             np.array([[0, 40 * per]] * 50, np.int64)]
+    for bits in (8, 4, 3):
+        qt = quantize_rtn(make_weights(rng, n, k), bits, 32)
+        x = make_x(rng, m, k)
+        args = (bits, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale)
+        for isa in ISAS:
+            _C.set_isa(isa)
+            for threads in (1, 2):
+                _C.set_num_threads(threads)
+                want = _C.qlinear(x, *args)
+                for i, plan in enumerate(plans):
+                    got = _C.qlinear(x, *args, prefetch=(kc, vc, plan))
+                    np.testing.assert_array_equal(got, want, err_msg=f"int{bits} {isa} {threads} threads plan {i}")
+
+
+def test_prefetch_plan_bad_input():
+    rng = rng_for("prefetch-plan-bad")
+    qt = quantize_rtn(make_weights(rng, 5, 64), 4, 32)
+    x = make_x(rng, 2, 64)
+    args = (4, 32, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale)
+    kc, vc, per = _kv_arrays(4)
+    good = np.array([[0, per], [3 * per, per], [per, 2 * per]], np.int64)
+    for bad, what in (((kc, vc), "tuple"), ([kc, vc, good], "tuple"), ((kc, "v", good), "tuple"),
+                      ((kc, vc[:2], good), "same byte size"), ((kc, vc[:, ::2], good), "C-contiguous"),
+                      ((kc, vc, good.astype(np.int32)), "int32"), ((kc, vc, good.T.copy()), r"\(n, 2\)"),
+                      ((kc, vc, good[:, :1]), "C-contiguous"), ((kc, vc, good[0]), "2-D"),
+                      ((kc, vc, np.array([[3 * per, per + 1]], np.int64)), "range 0 .* outside"),
+                      ((kc, vc, np.array([[0, per], [-64, 64]], np.int64)), "range 1 .* outside")):
+        with pytest.raises(ValueError, match=what):
+            _C.qlinear(x, *args, prefetch=bad)
+    np.testing.assert_array_equal(_C.qlinear(x, *args, prefetch=(kc, vc, good)), _C.qlinear(x, *args))

@@ -202,7 +202,7 @@ class _RecordingBackend:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def linear(self, x, w, bias=None):
+    def linear(self, x, w, bias=None, prefetch=None):
         key = self._keys.get(id(w))
         if key is not None:
             # One window's product in float32 BLAS (one term per token of the
@@ -214,7 +214,7 @@ class _RecordingBackend:
             else:
                 self.sums[key] = h
             self.counts[key] = self.counts.get(key, 0) + x32.shape[0]
-        return self._inner.linear(x, w, bias)
+        return self._inner.linear(x, w, bias, prefetch)
 
 
 def collect_hessians(model, texts=None, n_tokens: int = 2048, window: int = 512,
