@@ -467,8 +467,9 @@ constexpr int64_t kFewBlockBytes = 128 << 10;
 // codes, high plane and group parameters while the current block is computed
 // (batched decode and prefill tiles).
 struct PrefetchRanges {
-    const char* p[6];
-    int64_t n[6];
+    static constexpr int kSlots = 6;
+    const char* p[kSlots];
+    int64_t n[kSlots];
     int k = 0, cnt = 0;
     void add(const void* ptr, int64_t bytes) {
         p[cnt] = static_cast<const char*>(ptr);
@@ -510,7 +511,7 @@ struct PlanFeed {
         }
         cur.k = 0;
         cur.cnt = j;
-        while (have < bytes && cur.cnt + 2 <= 6) {
+        while (have < bytes && cur.cnt + 2 <= PrefetchRanges::kSlots) {
             const int64_t i = s->next.fetch_add(1, std::memory_order_relaxed);
             if (i >= s->plan->n) {
                 s = nullptr;
