@@ -490,6 +490,17 @@ struct PrefetchRanges {
             if (n[k] == 0) ++k;
         }
     }
+    // Frees the slots already issued, so more ranges can be added.
+    void drop_issued() {
+        int j = 0;
+        for (int i = k; i < cnt; ++i, ++j) {
+            p[j] = p[i];
+            n[j] = n[i];
+        }
+        k = 0;
+        cnt = j;
+    }
+    int free_slots() const { return kSlots - cnt; }
 };
 
 // A thread's share of a PrefetchPlan (qlinear.h): ranges taken one at a time
@@ -504,14 +515,8 @@ struct PlanFeed {
     void fill(int64_t bytes) {
         int64_t have = cur.total();
         if (!s || have >= bytes) return;
-        int j = 0;
-        for (int i = cur.k; i < cur.cnt; ++i, ++j) {
-            cur.p[j] = cur.p[i];
-            cur.n[j] = cur.n[i];
-        }
-        cur.k = 0;
-        cur.cnt = j;
-        while (have < bytes && cur.cnt + 2 <= PrefetchRanges::kSlots) {
+        cur.drop_issued();
+        while (have < bytes && cur.free_slots() >= 2) {
             const int64_t i = s->next.fetch_add(1, std::memory_order_relaxed);
             if (i >= s->plan->n) {
                 s = nullptr;
