@@ -80,8 +80,9 @@ def copy_qtensor(t: QuantizedTensor) -> QuantizedTensor:
 
 
 def call(x, t: QuantizedTensor, out):
-    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, t.row_scale, out,
-                      code_sums=t.code_sums)
+    # Positional, as CpuBackend.linear calls it (pybind11's keyword matching is ~1 us a call).
+    return _C.qlinear(x, t.bits, t.group_size, t.q, t.qh, t.scales, t.mins, t.row_scale, out, 1,
+                      t.code_sums)
 
 
 def _bw_report(benchmark, read_bw, report, label, nbytes, threads, bw_before):
