@@ -45,8 +45,9 @@
 // into chunks whose activations stay in L1, the weight rows into L2-sized
 // blocks, the next block prefetched under the current one's work.
 //
-// Prefill (more rows, "VNNI prefill" below): activation rows in the int32
-// lanes, 16 per tile, and the weights decoded to int8 per row block.
+// Prefill and batched decode past a few rows ("VNNI prefill" below):
+// activation rows in the int32 lanes, 16 per tile; int4 codes are split from
+// their packed bytes in registers, int3 decoded to int8 per row block.
 //
 // The activation buffers are 64-byte aligned; weights need not be (numpy and
 // mmap views often are not), so each weight vector is loaded once and
@@ -574,20 +575,31 @@ namespace vnni_ext {
 // ======================================================= VNNI prefill ===
 // Many activation rows (qlinear.h: VnniTiles). Lanes are activation rows:
 // a tile holds 16 rows, and for block b its plane t (t = 0..7) is one
-// 64-byte vector whose int32 lane l holds codes 4t..4t+3 of row l's block b,
-// stored as x + 128 (unsigned, the vpdpbusd multiplicand that must be). The
-// weight codes are decoded per row block into int8 (int4/int3; int8 is used
-// in place) and enter vpdpbusd as a broadcast 4-byte operand, so one block of
-// one weight row against 16 activation rows is 8 vpdpbusd into one int32
-// accumulator (started at -128 * the block's weight code sum, which undoes
-// the +128; int8 takes the sums from QMatrix::code_sums when given, as a pass
-// over the codes for them would stall on memory with nothing to overlap),
-// then cvt, * (d_b lanes * s) and one FMA. The 8 planes of a block are loaded
-// once and used by C = 8 weight rows.
+// 64-byte vector whose int32 lane l holds codes 4t..4t+3 of row l's block b.
+// One block of one weight row against 16 activation rows is 8 vpdpbusd into
+// int32 accumulators, then cvt, * (d_b lanes * s) and one FMA; the 8 planes
+// of a block are loaded once and used by C = 8 weight rows. vpdpbusd takes
+// one operand unsigned and one signed, so by format:
+//   int4: the codes (0..15) are the unsigned side, the planes hold x as is.
+//         Dword t of a block's 16 packed bytes is broadcast and split by two
+//         ANDs: its low nibbles are codes 4t..4t+3 (plane t), its high
+//         nibbles, kept in place as 16 * code, codes 16+4t.. (plane 4 + t;
+//         that sum is shifted right by 4, exactly). Nothing is decoded to
+//         memory: a decode pass (unpack, code sums) had cost as much as a
+//         third of a 16-row product at K = 576, and at 16 rows the two ANDs
+//         hide under the vpdpbusd (SmolLM2 shapes 1.3-1.5x faster).
+//   int8, int3: the planes hold x + 128 (unsigned) and the weight codes,
+//         signed, enter as an embedded broadcast 4-byte operand; the
+//         accumulator starts at -128 * the block's weight code sum, which
+//         undoes the +128. int3 is decoded per row block into int8 codes;
+//         int8 is used in place and takes the sums from QMatrix::code_sums
+//         when given, as a pass over the codes for them would stall on
+//         memory with nothing to overlap.
 struct VnniTiles {
     int64_t m = 0, ntile = 0, nb = 0, ng = 0, kp = 0;
     int group_size = 32;
     bool mins = false;
+    bool biased = true;                           // planes hold x + 128 (not int4)
     std::vector<uint8_t, Aligned64<uint8_t>> xq;  // [ntile][nb][8][64]
     std::vector<float, Aligned64<float>> dl;      // [ntile][nb][16]: d of (row l, block b)
     std::vector<float, Aligned64<float>> cl;      // int4/int3: [ntile][ng][16] min coefficients C_g
@@ -602,6 +614,7 @@ VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a) {
     t.ng = a.kp / w.group_size;
     t.group_size = w.group_size;
     t.mins = w.bits != 8;
+    t.biased = w.bits != 4;
     t.xq.resize(static_cast<size_t>(t.ntile * t.nb * 512));
     t.dl.resize(static_cast<size_t>(t.ntile * t.nb * 16));
     if (t.mins) t.cl.resize(static_cast<size_t>(t.ntile * t.ng * 16));
@@ -611,11 +624,11 @@ VnniTiles* vnni_tiles(const QMatrix& w, const QActs& a) {
 int64_t vnni_tile_count(const VnniTiles* t) { return t->ntile; }
 
 // Per tile and block: the 16 x 32 codes are transposed as 16 x 8 dwords
-// (transpose16x8), offset by 128 and stored as the 8 planes.
+// (transpose16x8), offset by 128 unless int4, and stored as the 8 planes.
 LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t0, int64_t t1) {
     VnniTiles& t = *tp;
     const int64_t nb = t.nb, ng = t.ng, bpg = t.group_size / QBLOCK;
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(t.biased ? 0x80 : 0));
     for (int64_t T = t0; T < t1; ++T) {
         uint8_t* xq = t.xq.data() + T * nb * 512;
         float* dl = t.dl.data() + T * nb * 16;
@@ -656,40 +669,21 @@ LINGLI_TARGET_VNNI void vnni_tiles_fill(VnniTiles* tp, const QActs& a, int64_t t
 
 namespace {
 
-// Decoded weight rows [ra, rb): int8 codes (int4/int3), -128 * block code
-// sums, and f32 group scales and (int4/int3) mins.
+// Decoded weight rows [ra, rb): int8 codes (int3), -128 * block code sums
+// (int8/int3), and f32 group scales and (int4/int3) mins. int4 needs only
+// the group parameters (its codes are split in the kernel).
 struct TileWeights {
-    std::vector<int8_t, Aligned64<int8_t>> codes;  // [rows][kp] (int4/int3)
-    std::vector<int32_t> init;                     // [rows][nb]
+    std::vector<int8_t, Aligned64<int8_t>> codes;  // [rows][kp] (int3)
+    std::vector<int32_t> init;                     // [rows][nb] (int8/int3)
     std::vector<float> sf, mf;                     // [rows][ng]
 };
-
-// int4 codes of 4 blocks (64 bytes; the 128-bit lane k is block k) out as
-// int8, low nibbles (codes 0-15) then high (16-31) per block, and -128 times
-// each block's code sum (from the nibble sums); the masks cut a last partial
-// step (out0: blocks 0-1, out1: 2-3, outs: the sums).
-LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void unpack4_blocks(__m512i W, int8_t* dst, int32_t* init,
-                                                                            __mmask64 out0, __mmask64 out1,
-                                                                            __mmask8 outs) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i lo = _mm512_and_si512(W, m4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), m4);
-    _mm512_mask_storeu_epi8(dst, out0, _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi));
-    _mm512_mask_storeu_epi8(dst + 64, out1,
-                            _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi));
-    __m512i sm = _mm512_add_epi64(_mm512_sad_epu8(lo, _mm512_setzero_si512()), _mm512_sad_epu8(hi, _mm512_setzero_si512()));
-    sm = _mm512_add_epi64(sm, _mm512_shuffle_epi32(sm, _MM_PERM_BADC));
-    const __m512i ixs = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m128i s4 = _mm512_castsi512_si128(_mm512_permutexvar_epi32(ixs, sm));
-    _mm_mask_storeu_epi32(init, outs, _mm_mullo_epi32(s4, _mm_set1_epi32(-128)));
-}
 
 LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t rb, TileWeights& tw) {
     const int64_t nb = w.kp / QBLOCK, ng = w.kp / w.group_size, n = rb - ra;
     const int64_t qstride = code_stride(w);
     const bool cod = coded(w);
-    if (w.bits != 8) tw.codes.resize(static_cast<size_t>(n * w.kp));
-    tw.init.resize(static_cast<size_t>(n * nb));
+    if (w.bits == 3) tw.codes.resize(static_cast<size_t>(n * w.kp));
+    if (w.bits != 4) tw.init.resize(static_cast<size_t>(n * nb));
     tw.sf.resize(static_cast<size_t>(n * ng));
     if (w.bits != 8) tw.mf.resize(static_cast<size_t>(n * ng));
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -697,19 +691,8 @@ LINGLI_TARGET_VNNI void decode_tile_rows(const QMatrix& w, int64_t ra, int64_t r
         const int64_t rr = r - ra;
         const uint8_t* q = w.q + r * qstride;
         const uint8_t* qh = w.qh ? w.qh + r * (w.kp / 8) : nullptr;
-        int32_t* init = tw.init.data() + rr * nb;
-        int64_t b = 0;
-        if (w.bits == 4) {
-            // 4 blocks per step, the last 1-3 in one masked step.
-            int8_t* dst = tw.codes.data() + rr * w.kp;
-            for (; b + 4 <= nb; b += 4)
-                unpack4_blocks(_mm512_loadu_si512(q + b * 16), dst + b * 32, init + b, ~0ULL, ~0ULL, 0xf);
-            if (const int64_t t = nb - b; t > 0)
-                unpack4_blocks(_mm512_maskz_loadu_epi8((1ULL << (16 * t)) - 1, q + b * 16), dst + b * 32, init + b,
-                               t >= 2 ? ~0ULL : 0xffffffffULL, t == 3 ? 0xffffffffULL : 0,
-                               static_cast<__mmask8>((1u << t) - 1));
-            b = nb;
-        }
+        int32_t* init = w.bits == 4 ? nullptr : tw.init.data() + rr * nb;
+        int64_t b = w.bits == 4 ? nb : 0;  // int4: parameters only
         if (w.bits == 8 && w.code_sums) {
             // Codes used in place, their block sums given: 16 blocks per step.
             const int16_t* cs = w.code_sums + r * nb;
@@ -800,15 +783,19 @@ LINGLI_TARGET_VNNI __attribute__((always_inline)) inline void store_rows8(const 
 }
 
 // One tile (16 activation rows; nl of them real) x C weight rows: out[l * ldo + c] = y.
-// With `pf`, pfb more bytes of it are prefetched at each group.
-template <int C, int BPG, bool MINS>
-LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* codes, int64_t cstride,
+// `codes` (cstride bytes a row): int4 the packed codes, int8/int3 int8 codes
+// (`init` their -128 * block code sums). With `pf`, pfb more bytes of it are
+// prefetched at each group.
+template <int BITS, int C, int BPG>
+LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const uint8_t* codes, int64_t cstride,
                                const int32_t* init, const float* sf, const float* mf,
                                float* out, int64_t ldo, int64_t nl, PrefetchRanges* pf, int64_t pfb,
                                PrefetchRanges* pf2, int64_t pfb2) {
+    constexpr bool MINS = BITS != 8;
     const int64_t nb = tl.nb, ng = tl.ng;
     const uint8_t* xq = tl.xq.data() + T * nb * 512;
     const float* dl = tl.dl.data() + T * nb * 16;
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8(static_cast<char>(0xF0));
     __m512 f[C];
     for (int c = 0; c < C; ++c) f[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
@@ -824,21 +811,37 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
             const __m512 d = _mm512_load_ps(dl + b * 16);
 #pragma GCC unroll 8
             for (int c = 0; c < C; ++c) {
-                const int8_t* wp = codes + c * cstride + b * 32;
-                __m512i ia = _mm512_set1_epi32(init[c * nb + b]), ib = _mm512_setzero_si512();
+                __m512i ia, ib;
+                if constexpr (BITS == 4) {
+                    const uint8_t* wp = codes + c * cstride + b * 16;
+                    ia = _mm512_setzero_si512();
+                    ib = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                    for (int t = 0; t < 4; ++t) {
+                        int32_t v;
+                        std::memcpy(&v, wp + 4 * t, 4);
+                        const __m512i W = _mm512_set1_epi32(v);
+                        ia = _mm512_dpbusd_epi32(ia, _mm512_and_si512(W, lo4), x[t]);
+                        ib = _mm512_dpbusd_epi32(ib, _mm512_and_si512(W, hi4), x[4 + t]);
+                    }
+                    ib = _mm512_srai_epi32(ib, 4);  // 16 * the high codes' dot
+                } else {
+                    const uint8_t* wp = codes + c * cstride + b * 32;
+                    ia = _mm512_set1_epi32(init[c * nb + b]);
+                    ib = _mm512_setzero_si512();
 #pragma GCC unroll 8
-                for (int j = 0; j < 8; j += 2) {
-                    // The 4 weight codes as an embedded broadcast operand (GCC
-                    // would load them with a separate vpbroadcastd).
-                    __asm__("vpdpbusd %2%{1to16%}, %1, %0"
-                            : "+v"(ia)
-                            : "v"(x[j]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j)));
-                    __asm__("vpdpbusd %2%{1to16%}, %1, %0"
-                            : "+v"(ib)
-                            : "v"(x[j + 1]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j + 4)));
+                    for (int j = 0; j < 8; j += 2) {
+                        // The 4 weight codes as an embedded broadcast operand (GCC
+                        // would load them with a separate vpbroadcastd).
+                        __asm__("vpdpbusd %2%{1to16%}, %1, %0"
+                                : "+v"(ia)
+                                : "v"(x[j]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j)));
+                        __asm__("vpdpbusd %2%{1to16%}, %1, %0"
+                                : "+v"(ib)
+                                : "v"(x[j + 1]), "m"(*reinterpret_cast<const int32_t*>(wp + 4 * j + 4)));
+                    }
                 }
-                ia = _mm512_add_epi32(ia, ib);
-                const __m512 p = _mm512_cvtepi32_ps(ia);
+                const __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(ia, ib));
                 u[c] = bb == 0 ? _mm512_mul_ps(p, d) : _mm512_fmadd_ps(p, d, u[c]);
             }
         }
@@ -863,19 +866,20 @@ LINGLI_TARGET_VNNI void tile16(const VnniTiles& tl, int64_t T, const int8_t* cod
     }
 }
 
-template <int C, int BPG, bool MINS>
+template <int BITS, int C, int BPG>
 void tile16_rows(const QMatrix& w, const VnniTiles& tl, int64_t T, const TileWeights& tw, int64_t ra,
                  int64_t c0, float* out, int64_t ldo, PrefetchRanges* pf = nullptr, int64_t pfb = 0,
                  PrefetchRanges* pf2 = nullptr, int64_t pfb2 = 0) {
     const int64_t nb = tl.nb, ng = tl.ng, rr = c0 - ra;
-    const int8_t* codes = w.bits == 8 ? reinterpret_cast<const int8_t*>(w.q) + c0 * w.kp
-                                      : tw.codes.data() + rr * w.kp;
-    tile16<C, BPG, MINS>(tl, T, codes, w.kp, tw.init.data() + rr * nb, tw.sf.data() + rr * ng,
-                         MINS ? tw.mf.data() + rr * ng : nullptr, out + T * 16 * ldo + c0, ldo,
-                         std::min<int64_t>(16, tl.m - T * 16), pf, pfb, pf2, pfb2);
+    const uint8_t* codes = BITS == 3 ? reinterpret_cast<const uint8_t*>(tw.codes.data()) + rr * w.kp
+                                     : w.q + c0 * code_stride(w);
+    const int64_t cstride = BITS == 3 ? w.kp : code_stride(w);
+    tile16<BITS, C, BPG>(tl, T, codes, cstride, BITS == 4 ? nullptr : tw.init.data() + rr * nb,
+                         tw.sf.data() + rr * ng, BITS != 8 ? tw.mf.data() + rr * ng : nullptr,
+                         out + T * 16 * ldo + c0, ldo, std::min<int64_t>(16, tl.m - T * 16), pf, pfb, pf2, pfb2);
 }
 
-template <int BPG, bool MINS>
+template <int BITS, int BPG>
 void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, float* out, int64_t ldo,
                PlanShare* plan) {
     thread_local TileWeights tw;
@@ -919,27 +923,36 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
                 } else if (plan_row && T == 0) {
                     feed.run(8 * plan_row);
                 }
-                tile16_rows<8, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo, pf, per_group, pf2,
+                tile16_rows<BITS, 8, BPG>(w, tl, T, tw, ra, c0, out, ldo, pf, per_group, pf2,
                                           (8 * plan_row + tl.ng - 1) / tl.ng);
             }
             if (plan_row && T == 0) feed.run((rb - c0) * plan_row);
-            if (c0 + 4 <= rb) { tile16_rows<4, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
-            if (c0 + 2 <= rb) { tile16_rows<2, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
-            if (c0 < rb) tile16_rows<1, BPG, MINS>(w, tl, T, tw, ra, c0, out, ldo);
+            if (c0 + 4 <= rb) { tile16_rows<BITS, 4, BPG>(w, tl, T, tw, ra, c0, out, ldo); c0 += 4; }
+            if (c0 + 2 <= rb) { tile16_rows<BITS, 2, BPG>(w, tl, T, tw, ra, c0, out, ldo); c0 += 2; }
+            if (c0 < rb) tile16_rows<BITS, 1, BPG>(w, tl, T, tw, ra, c0, out, ldo);
         }
     }
     feed.finish();
+}
+
+template <int BITS>
+void run_tiles_bits(const QMatrix& w, const VnniTiles& t, int64_t r0, int64_t r1, float* out, int64_t ldo,
+                    PlanShare* plan) {
+    switch (w.group_size / QBLOCK) {
+        case 1: run_tiles<BITS, 1>(w, t, r0, r1, out, ldo, plan); break;
+        case 2: run_tiles<BITS, 2>(w, t, r0, r1, out, ldo, plan); break;
+        default: run_tiles<BITS, 4>(w, t, r0, r1, out, ldo, plan); break;
+    }
 }
 
 }  // namespace
 
 void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_t r1, float* out,
                         int64_t ldo, PlanShare* plan) {
-    const bool mins = w.bits != 8;
-    switch (w.group_size / QBLOCK) {
-        case 1: mins ? run_tiles<1, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<1, false>(w, *t, r0, r1, out, ldo, plan); break;
-        case 2: mins ? run_tiles<2, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<2, false>(w, *t, r0, r1, out, ldo, plan); break;
-        default: mins ? run_tiles<4, true>(w, *t, r0, r1, out, ldo, plan) : run_tiles<4, false>(w, *t, r0, r1, out, ldo, plan); break;
+    switch (w.bits) {
+        case 8: run_tiles_bits<8>(w, *t, r0, r1, out, ldo, plan); break;
+        case 4: run_tiles_bits<4>(w, *t, r0, r1, out, ldo, plan); break;
+        default: run_tiles_bits<3>(w, *t, r0, r1, out, ldo, plan); break;
     }
 }
 
