@@ -885,18 +885,19 @@ void run_tiles(const QMatrix& w, const VnniTiles& tl, int64_t r0, int64_t r1, fl
     thread_local TileWeights tw;
     PlanFeed feed(plan);
     const int64_t plan_row = feed.per_row;
-    // Weight rows per block: their decoded codes stay in L2 while every tile
-    // passes. One tile (batched decode, at most 16 rows) passes once: blocks of
-    // 32 rows, decoded from L2 where the previous block's steps prefetched them
-    // (one large block would decode from memory with nothing to overlap:
-    // SmolLM2's 16-stream step 12.9 -> 12.0 ms).
+    // Weight rows per block: their codes (int3 decoded, int4 packed, int8 in
+    // place) stay in L2 while every tile passes. One tile (batched decode, at
+    // most 16 rows) passes once: blocks of 32 rows, read from L2 where the
+    // previous block's steps prefetched them (one large block would be read
+    // from memory with nothing to overlap: SmolLM2's 16-stream step, when
+    // int4 was decoded too, 12.9 -> 12.0 ms).
     const int64_t rbk = tl.ntile == 1 ? 32
                                       : std::max<int64_t>(32, (kRowBlockBytes * 3 / 4) / std::max<int64_t>(1, w.kp) / 8 * 8);
     for (int64_t ra = r0; ra < r1; ra += rbk) {
         const int64_t rb = std::min(r1, ra + rbk);
         decode_tile_rows(w, ra, rb, tw);
         // The next block's packed weights come into L2 a slice per 8-row
-        // step, under the computation, instead of stalling its decode.
+        // step, under the computation, instead of stalling its first reads.
         // Past r1 too: a thread's next chunk (parallel_chunks) usually starts there.
         // One tile (batched decode) spreads each slice over the step's groups:
         // a burst of prefetches stalls the thread once the memory system's
