@@ -18,8 +18,8 @@ Batched decode (M = 2..16 rows, a continuous-batching engine's decode step)
 reads cold weights like M=1 and should cost little more while the weight
 read dominates: reported as weight GB/s (against the read bandwidth, as
 M=1) and GOP/s, for TinyLlama-1.1B's MLP shapes at int4 g32, and SmolLM2's
-int8 output layer at 16 rows (int8 matrices carry their block code sums, as
-the runtime gives them).
+int8 output layer and int4 gate/up product at 16 rows (int8 matrices carry
+their block code sums, as the runtime gives them).
 
 Shapes are (N, K) with w [N, K]: 4096x4096 (attention), 11008x4096 (MLP up,
 4096 -> 11008), 4096x11008 (MLP down) of LLaMA-7B, 5632x2048 and 2048x5632 of
@@ -50,9 +50,10 @@ M1_CASES = [(n, k, bits, g, t) for (bits, g) in FORMATS for (n, k) in SHAPES for
             if g == 64 or (n, k) in ((4096, 4096), (4096, 11008))]
 F16_CASES = [(n, k, t) for (n, k) in SHAPES for t in THREADS]
 BATCH_CASES = [(m, n, k, 4, 32, MACHINE_THREADS) for (n, k) in SHAPES[3:] for m in (2, 4, 8, 16)]
-# SmolLM2's int8 output layer (49152 x 576) at 16 streams: the prefill tiles
-# with the block code sums the runtime keeps for int8.
-BATCH_CASES += [(16, 49152, 576, 8, 32, MACHINE_THREADS)]
+# SmolLM2 at 16 streams, both on the prefill tiles: its int8 output layer
+# (49152 x 576, with the block code sums the runtime keeps for int8) and its
+# int4 gate/up product (3072 x 576, codes split from their packed bytes).
+BATCH_CASES += [(16, 49152, 576, 8, 32, MACHINE_THREADS), (16, 3072, 576, 4, 32, MACHINE_THREADS)]
 PREFILL_CASES = [(512, n, k, 4, 64, MACHINE_THREADS) for n, k in SHAPES[:3]]
 PREFILL_CASES += [(16, 4096, 4096, 4, 64, MACHINE_THREADS), (512, 4096, 4096, 3, 64, MACHINE_THREADS),
                   (512, 4096, 4096, 8, 64, MACHINE_THREADS)]
