@@ -31,6 +31,18 @@ def read_bw():
     return get
 
 
+@pytest.fixture(scope="session")
+def vnni_peak():
+    """vnni_peak(threads) -> the int8 dot-product rate (GOP/s) of that many
+    threads together, measured now (0.0 without AVX-512 VNNI).
+
+    Measured, not a per-core constant: a VM's vCPUs may be SMT siblings that
+    share one core's vector pipes, and the host moves them (on the build VM
+    two threads got 1.0x-1.7x one thread's rate, hour to hour).
+    """
+    return lambda threads: _C.vnni_peak(threads)
+
+
 @pytest.fixture
 def report():
     """Append one line to the end-of-run summary (and print it for -s)."""

@@ -648,4 +648,10 @@ PYBIND11_MODULE(_C, m) {
         return lingli::read_bandwidth(nbytes, repeats);
     }, py::arg("nbytes") = int64_t(512) << 20, py::arg("repeats") = 5,
        "Best-of-`repeats` threaded read bandwidth over `nbytes` of floats, in GB/s.");
+    m.def("vnni_peak", [](int threads) {
+        if (threads < 1) fail("vnni_peak: threads must be >= 1, got " + std::to_string(threads));
+        py::gil_scoped_release nogil;
+        return lingli::vnni_peak(threads);
+    }, py::arg("threads"),
+       "int8 dot-product rate (AVX-512 VNNI) of `threads` threads together, in GOP/s; 0.0 without VNNI.");
 }

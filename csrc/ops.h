@@ -51,6 +51,10 @@ void paged_attention(const float* q, const KV* k_cache, const KV* v_cache,
 // read during `repeats` passes (see membw.cpp).
 double read_bandwidth(int64_t nbytes, int repeats);
 
+// int8 dot-product rate of `threads` threads together (vpdpbusd, 512-bit) in
+// GOP/s, best of 5; 0 without AVX-512 VNNI (see vnni_peak.cpp).
+double vnni_peak(int threads);
+
 // IEEE binary16 -> binary32 in software (subnormals, inf and nan included).
 inline float half_to_float(uint16_t h) {
     uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

@@ -520,6 +520,23 @@ def test_read_bandwidth():
         _C.read_bandwidth(1 << 20, 0)
 
 
+def test_vnni_peak():
+    """The compute probe: a positive rate on a CPU with AVX-512 VNNI, 0.0 elsewhere."""
+    old = _C.isa()
+    try:
+        vnni = "avx512" in _C.available_isas() and (_C.set_isa("avx512") or _C.qlinear_path() == "avx512_vnni")
+    finally:
+        _C.set_isa(old)
+    peak = _C.vnni_peak(1)
+    if vnni:
+        assert 10 < peak < 100000          # GOP/s: one thread of any VNNI core
+        assert _C.vnni_peak(2) > 0.5 * peak  # two threads never slower than one of them
+    else:
+        assert peak == 0.0
+    with pytest.raises(ValueError, match="threads"):
+        _C.vnni_peak(0)
+
+
 # ------------------------------------------------------ aarch64 portability --
 
 KERNEL_SOURCES = sorted(p for p in CSRC.glob("*.cpp") if p.name != "bindings.cpp")
