@@ -588,7 +588,7 @@ namespace vnni_ext {
 //         that sum is shifted right by 4, exactly). Nothing is decoded to
 //         memory: a decode pass (unpack, code sums) had cost as much as a
 //         third of a 16-row product at K = 576, and at 16 rows the two ANDs
-//         hide under the vpdpbusd (SmolLM2 shapes 1.3-1.5x faster).
+//         hide under the vpdpbusd (SmolLM2 shapes 1.14-1.29x faster).
 //   int8, int3: the planes hold x + 128 (unsigned) and the weight codes,
 //         signed, enter as an embedded broadcast 4-byte operand; the
 //         accumulator starts at -128 * the block's weight code sum, which
