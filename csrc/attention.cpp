@@ -57,8 +57,8 @@ struct AttnKernels {
     // acc[j*Dh ..] += sum_i p[j*ps + i] * v[i*Dh ..] for heads j < nh
     void (*accum)(const float* p, int64_t ps, int64_t nh, const KV* v, int64_t n, int64_t Dh,
                   float* acc);
-    // s[j] = exp(s[j] - mx) for j < n; returns the sum
-    double (*exp_sum)(float* s, int64_t n, float mx);
+    // s[j] = exp(s[j] - max(s)) for j < n; returns their sum
+    double (*exp_sum)(float* s, int64_t n);
 };
 
 // A single-head kernel applied to each of nh heads in turn.
@@ -98,7 +98,9 @@ void accum_plain(const float* p, const KV* v, int64_t n, int64_t Dh, float* acc)
     }
 }
 
-double exp_sum_plain(float* s, int64_t n, float mx) {
+double exp_sum_plain(float* s, int64_t n) {
+    float mx = s[0];
+    for (int64_t p = 1; p < n; ++p) mx = std::max(mx, s[p]);
     double sum = 0.0;
     for (int64_t p = 0; p < n; ++p) {
         s[p] = std::exp(s[p] - mx);
@@ -294,8 +296,13 @@ LINGLI_TARGET_AVX512 void accum_avx512(const float* p, int64_t ps, int64_t nh, c
     }
 }
 
-LINGLI_TARGET_AVX512 double exp_sum_avx512(float* s, int64_t n, float mx) {
-    const __m512 vmx = _mm512_set1_ps(mx);
+// (The max in vectors: a scalar std::max chain is a serial dependency, which
+// had cost a decode work item as much as its exponentials.)
+LINGLI_TARGET_AVX512 double exp_sum_avx512(float* s, int64_t n) {
+    __m512 vm = _mm512_set1_ps(s[0]);
+    for (int64_t p = 0; p < n; p += 16)
+        vm = _mm512_mask_max_ps(vm, lanes(n - p), vm, _mm512_maskz_loadu_ps(lanes(n - p), s + p));
+    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t p = 0; p < n; p += 16) {
         const __mmask16 m = lanes(n - p);
@@ -376,12 +383,7 @@ void paged_attention(const float* q, const KV* k_cache, const KV* v_cache,
                 const int64_t n = std::min(block_size, len - p0);
                 kern.scores(qv, hg, kb, n, Dh, scale, s.data() + p0, len);
             }
-            for (int64_t j = 0; j < hg; ++j) {
-                float* sj = s.data() + j * len;
-                float mx = sj[0];
-                for (int64_t p = 1; p < len; ++p) mx = std::max(mx, sj[p]);
-                sum[j] = kern.exp_sum(sj, len, mx);
-            }
+            for (int64_t j = 0; j < hg; ++j) sum[j] = kern.exp_sum(s.data() + j * len, len);
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t p0 = 0; p0 < len; p0 += block_size) {
                 const KV* vb = v_cache + (block_table[p0 / block_size] * Hkv + g) * block_size * Dh;

@@ -396,6 +396,25 @@ def test_paged_attention_single_key_is_v():
     np.testing.assert_allclose(out[0], v_seq[0].repeat(2, axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("top", [0, 5, 16, 37, 52])
+def test_paged_attention_huge_scores(isa_threads, top):
+    """Scores thousands apart: exp only stays finite if the softmax subtracts the
+    true row max, wherever it lies (first lane, past a vector, in the tail)."""
+    rng = rng_for("attn-huge", top)
+    L, hq, hkv, dh = 53, 6, 2, 64
+    k_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+    v_seq = rng.standard_normal((L, hkv, dh)).astype(np.float32)
+    q = rng.standard_normal((1, hq, dh)).astype(np.float32)
+    # Key `top` alone lines up with every query head, far above the others.
+    k_seq[top] = q[0].reshape(hkv, hq // hkv, dh).sum(axis=1)
+    k_cache, v_cache, table = ref.make_paged_cache(k_seq * 40, v_seq, 16, rng)
+    qpos = np.array([L - 1], np.int32)
+    out = _C.paged_attention(q, k_cache, v_cache, table, qpos, 1.0)
+    want = ref.attention(q, k_seq * 40, v_seq, qpos, 1.0)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 # -------------------------------------------------------------- bad input --
 
 def f32(*shape):
