@@ -17,6 +17,13 @@ lengths uniform in [8, 256] run with max_num_seqs 16; after every step the
 reserved-but-empty share of the running requests' slots is sampled; the
 report gives the slot-weighted mean (blocks of 16 tokens: the only waste is
 each sequence's partly filled last block).
+
+Batched decode steps are compute-bound and a single stream is not, so the
+ratio depends on how much arithmetic the threads really have: before and after
+the stream runs the int8 dot-product rate of 1 and of --threads threads is
+measured (`_C.vnni_peak`, AVX-512 VNNI CPUs) and printed with the table. A VM's
+vCPUs may be SMT siblings sharing one core's vector pipes; then --threads
+threads get about one thread's rate and the ratio reads low.
 """
 from __future__ import annotations
 
@@ -85,6 +92,32 @@ def kv_waste(llm, n: int, seed: int = 1) -> dict:
             "preemptions": st.preemptions_total}
 
 
+def pipe_rates(threads: int) -> dict | None:
+    """The int8 dot-product rate (GOP/s) of 1 and of `threads` threads, measured now;
+    None where the CPU has no AVX-512 VNNI."""
+    from runtime import _C
+
+    one = _C.vnni_peak(1)
+    if one <= 0:
+        return None
+    many = _C.vnni_peak(threads)
+    return {"one": one, "all": many, "scaling": many / one}
+
+
+def pipes_line(before: dict | None, after: dict | None, threads: int) -> str | None:
+    """The report's line on the measured arithmetic (see the module docstring)."""
+    if before is None or after is None:
+        return None
+    line = (f"int8 dot-product rate, 1 / {threads} threads: {before['one']:.0f} / "
+            f"{before['all']:.0f} GOP/s before the runs ({before['scaling']:.2f}x), "
+            f"{after['one']:.0f} / {after['all']:.0f} after ({after['scaling']:.2f}x)")
+    if min(before["scaling"], after["scaling"]) < 0.75 * threads:
+        line += (f"; the {threads} threads got less than {0.75 * threads:.2f}x one thread's "
+                 "arithmetic (vector pipes shared: SMT siblings or a busy host), so the "
+                 "batched rows and their ratio read low")
+    return line
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     try:
         import matplotlib
@@ -134,9 +167,11 @@ def main(argv=None) -> int:
     # Rounds go over every stream count in turn, so a slow or fast phase of a
     # shared host lands on all of them alike instead of on one row's repeats.
     runs: dict[int, list[dict]] = {s: [] for s in a.streams}
+    before = pipe_rates(a.threads)
     for r in range(a.repeats):
         for s in a.streams:
             runs[s].append(decode_throughput(llm, s, a.prompt, a.decode, seed=r))
+    after = pipe_rates(a.threads)
     rows = [max(runs[s], key=lambda r: r["decode_tok_s"]) for s in a.streams]
     base = rows[0]["decode_tok_s"]
     print(f"model={model_dir.name} quant={a.quant} threads={a.threads} prompt={a.prompt} "
@@ -147,7 +182,11 @@ def main(argv=None) -> int:
         r["x_first"] = r["decode_tok_s"] / base if base else 0.0
         print(f"| {r['streams']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / r['streams']:.1f} "
               f"| {r['x_first']:.2f}x |")
-    res = {"model": model_dir.name, "quant": a.quant, "threads": a.threads, "rows": rows}
+    res = {"model": model_dir.name, "quant": a.quant, "threads": a.threads, "rows": rows,
+           "pipe_rates": {"before": before, "after": after}}
+    line = pipes_line(before, after, a.threads)
+    if line:
+        print(line)
     if a.mixed:
         w = kv_waste(llm, a.mixed)
         res["kv_waste"] = w

@@ -296,3 +296,41 @@ def test_prefill_measured_twice_on_one_model(tiny_dir):
     assert bench_mod.measure_prefill(llm, ids) > 0
     assert bench_mod.measure_prefill(llm, ids) > 0
     assert llm.engine().stats().prefix_cache_hit_tokens == 0
+
+
+def test_bench_streams_runs_and_reports(tiny_dir, tmp_path, capsys):
+    """bench/bench_streams.py end to end on a tiny model: one table row per stream
+    count, the KV waste line, and the measured arithmetic in the JSON."""
+    from bench import bench_streams
+
+    out = tmp_path / "streams.json"
+    assert bench_streams.main([str(tiny_dir), "--quant", "fp32", "--threads", "1",
+                               "--streams", "1", "3", "--prompt", "5", "--decode", "6",
+                               "--repeats", "1", "--mixed", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["streams"] for r in res["rows"]] == [1, 3]
+    assert all(r["decode_tok_s"] > 0 for r in res["rows"])
+    assert res["rows"][0]["x_first"] == 1.0
+    assert 0.0 <= res["kv_waste"]["waste"] < 1.0
+    printed = capsys.readouterr().out
+    assert "| 3 |" in printed and "KV waste, 4 mixed-length requests" in printed
+    from runtime import _C
+
+    for rates in res["pipe_rates"].values():
+        if _C.vnni_peak(1) > 0:          # measured on AVX-512 VNNI CPUs, else None
+            assert rates["one"] > 0 and rates["scaling"] == rates["all"] / rates["one"]
+        else:
+            assert rates is None
+    assert ("int8 dot-product rate, 1 / 1 threads" in printed) == (rates is not None)
+
+
+@pytest.mark.parametrize("scaling, flagged", [(2.0, False), (1.6, False), (1.45, True), (1.0, True)])
+def test_bench_streams_flags_shared_vector_pipes(scaling, flagged):
+    from bench import bench_streams
+
+    fine = {"one": 900.0, "all": 1800.0, "scaling": 2.0}
+    seen = {"one": 900.0, "all": 900.0 * scaling, "scaling": scaling}
+    line = bench_streams.pipes_line(fine, seen, 2)
+    assert line.startswith("int8 dot-product rate, 1 / 2 threads: 900 / 1800 GOP/s")
+    assert ("vector pipes shared" in line) == flagged
+    assert bench_streams.pipes_line(None, None, 2) is None
