@@ -429,18 +429,16 @@ lingli::PrefetchPlan prefetch_plan(const py::object& o) {
     return {{static_cast<const char*>(k.data()), static_cast<const char*>(v.data())}, rp, n};
 }
 
-py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
-                  const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
-                  const py::object& row_scale_obj, const py::object& out_obj, int act_steps,
-                  const py::object& code_sums_obj, const py::object& prefetch_obj) {
-    if (act_steps != 1 && act_steps != 2)
-        fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
+// One quantized weight's arrays checked against its format and the input
+// size K (messages start with `who`); its arrays are appended to `inputs`.
+lingli::QMatrix qweight(const std::string& who, py::ssize_t K, int bits, int group_size, const py::array& q,
+                        const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
+                        const py::object& row_scale_obj, const py::object& code_sums_obj,
+                        std::vector<py::array>& inputs) {
     if (bits != 8 && bits != 4 && bits != 3)
-        fail("qlinear: bits must be 8, 4 or 3, got " + std::to_string(bits));
+        fail(who + ": bits must be 8, 4 or 3, got " + std::to_string(bits));
     if (group_size != 32 && group_size != 64 && group_size != 128)
-        fail("qlinear: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-    check_f32(x, "qlinear: x", 2, "[M, K]");
-    const py::ssize_t M = x.shape(0), K = x.shape(1);
+        fail(who + ": group_size must be 32, 64 or 128, got " + std::to_string(group_size));
     const std::string fmt = "int" + std::to_string(bits);
     // int4/int3: the scales' dtype picks the encoding (qlinear.h: group parameters).
     static const std::string kValid =
@@ -448,103 +446,174 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
         "row_scale float32 [N])";
     const bool coded = bits != 8 && scales.dtype().is(py::dtype::of<uint8_t>());
     if (bits == 8 && !is_f16(scales))
-        fail("qlinear: scales must be float16 for int8, got " + std::string(py::str(scales.dtype())));
+        fail(who + ": scales must be float16 for int8, got " + std::string(py::str(scales.dtype())));
     if (bits != 8 && !coded && !is_f16(scales))
-        fail("qlinear: scales must be float16 or uint8 (the scale codes) for " + fmt + ", got " +
+        fail(who + ": scales must be float16 or uint8 (the scale codes) for " + fmt + ", got " +
              std::string(py::str(scales.dtype())) + kValid);
-    check_array(scales, "qlinear: scales", 2, "[N, Kp/G]");
+    check_array(scales, who + ": scales", 2, "[N, Kp/G]");
     const py::ssize_t N = scales.shape(0), ng = scales.shape(1), Kp = ng * group_size;
     if (K > Kp || Kp - K >= group_size)
-        fail("qlinear: x has K = " + std::to_string(K) + " inputs but scales " + shape_str(scales) +
+        fail(who + ": x has K = " + std::to_string(K) + " inputs but scales " + shape_str(scales) +
              " imply Kp = " + std::to_string(Kp) + " (group_size " + std::to_string(group_size) +
              "); need Kp - group_size < K <= Kp");
     const std::string why = "(N, Kp = " + std::to_string(N) + ", " + std::to_string(Kp) +
                             " from scales, " + fmt + ")";
-    std::vector<py::array> inputs{x, q, scales};
-    if (bits == 8) check_q(q, "qlinear: q", 'b', {N, Kp}, why);
-    else if (bits == 4) check_q(q, "qlinear: q", 'B', {N, Kp / 2}, why);
-    else check_q(q, "qlinear: q", 'B', {N, Kp / 4}, why);
+    inputs.push_back(q);
+    inputs.push_back(scales);
+    if (bits == 8) check_q(q, who + ": q", 'b', {N, Kp}, why);
+    else if (bits == 4) check_q(q, who + ": q", 'B', {N, Kp / 2}, why);
+    else check_q(q, who + ": q", 'B', {N, Kp / 4}, why);
     const uint8_t* qhp = nullptr;
     if (bits == 3) {
-        if (qh_obj.is_none()) fail("qlinear: int3 needs qh (the high bit plane), got None");
-        py::array qh = opt_array(qh_obj, "qlinear: qh");
-        check_q(qh, "qlinear: qh", 'B', {N, Kp / 8}, why);
+        if (qh_obj.is_none()) fail(who + ": int3 needs qh (the high bit plane), got None");
+        py::array qh = opt_array(qh_obj, who + ": qh");
+        check_q(qh, who + ": qh", 'B', {N, Kp / 8}, why);
         qhp = static_cast<const uint8_t*>(qh.data());
         inputs.push_back(qh);
     } else if (!qh_obj.is_none()) {
-        fail("qlinear: qh must be None for " + fmt + " (only int3 has a high bit plane)");
+        fail(who + ": qh must be None for " + fmt + " (only int3 has a high bit plane)");
     }
     const void* minsp = nullptr;
     const float* rsp = nullptr;
     if (bits == 8) {
-        if (!mins_obj.is_none()) fail("qlinear: mins must be None for int8 (it is symmetric)");
+        if (!mins_obj.is_none()) fail(who + ": mins must be None for int8 (it is symmetric)");
         if (!row_scale_obj.is_none())
-            fail("qlinear: row_scale must be None for int8 (its float16 scales need none)");
+            fail(who + ": row_scale must be None for int8 (its float16 scales need none)");
     } else {
         const std::string enc = coded ? "uint8 scales" : "float16 scales";
         if (mins_obj.is_none())
-            fail("qlinear: " + fmt + " needs mins (" + (coded ? "int8 min codes" : "float16") + " with " + enc +
+            fail(who + ": " + fmt + " needs mins (" + (coded ? "int8 min codes" : "float16") + " with " + enc +
                  "), got None" + kValid);
-        py::array mins = opt_array(mins_obj, "qlinear: mins");
+        py::array mins = opt_array(mins_obj, who + ": mins");
         if (coded ? !mins.dtype().is(py::dtype::of<int8_t>()) : !is_f16(mins))
-            fail("qlinear: mins must be " + std::string(coded ? "int8 (the min codes)" : "float16") + " with " + enc +
+            fail(who + ": mins must be " + std::string(coded ? "int8 (the min codes)" : "float16") + " with " + enc +
                  ", got " + std::string(py::str(mins.dtype())) + kValid);
-        check_q(mins, "qlinear: mins", coded ? 'b' : 'h', {N, ng}, "(same as scales)");
+        check_q(mins, who + ": mins", coded ? 'b' : 'h', {N, ng}, "(same as scales)");
         minsp = mins.data();
         inputs.push_back(mins);
         if (coded) {
             if (row_scale_obj.is_none())
-                fail("qlinear: " + fmt + " needs row_scale (float32 [N]) with uint8 scales, got None" + kValid);
-            py::array rs = opt_array(row_scale_obj, "qlinear: row_scale");
-            check_f32(rs, "qlinear: row_scale", 1, "[N]");
-            check_shape(rs, "qlinear: row_scale", {N}, "(N from scales)");
+                fail(who + ": " + fmt + " needs row_scale (float32 [N]) with uint8 scales, got None" + kValid);
+            py::array rs = opt_array(row_scale_obj, who + ": row_scale");
+            check_f32(rs, who + ": row_scale", 1, "[N]");
+            check_shape(rs, who + ": row_scale", {N}, "(N from scales)");
             rsp = static_cast<const float*>(rs.data());
             inputs.push_back(rs);
         } else if (!row_scale_obj.is_none()) {
-            fail("qlinear: row_scale must be None with float16 scales and mins" + kValid);
+            fail(who + ": row_scale must be None with float16 scales and mins" + kValid);
         }
     }
     const int16_t* csp = nullptr;
     if (!code_sums_obj.is_none()) {
-        if (bits != 8) fail("qlinear: code_sums must be None for " + fmt + " (only int8 takes them)");
-        py::array cs = opt_array(code_sums_obj, "qlinear: code_sums");
+        if (bits != 8) fail(who + ": code_sums must be None for " + fmt + " (only int8 takes them)");
+        py::array cs = opt_array(code_sums_obj, who + ": code_sums");
         if (!cs.dtype().is(py::dtype::of<int16_t>()))
-            fail("qlinear: code_sums must be int16, got " + std::string(py::str(cs.dtype())));
-        check_array(cs, "qlinear: code_sums", 2, "[N, Kp/32]");
-        check_shape(cs, "qlinear: code_sums", {N, Kp / lingli::QBLOCK}, why);
+            fail(who + ": code_sums must be int16, got " + std::string(py::str(cs.dtype())));
+        check_array(cs, who + ": code_sums", 2, "[N, Kp/32]");
+        check_shape(cs, who + ": code_sums", {N, Kp / lingli::QBLOCK}, why);
         csp = static_cast<const int16_t*>(cs.data());
         inputs.push_back(cs);
     }
-    py::array out;
-    if (out_obj.is_none()) {
-        out = new_f32({M, N});
-    } else {
-        if (!py::isinstance<py::array>(out_obj))
-            fail("qlinear: out must be a numpy float32 array of shape " + dims_str({M, N}));
-        out = py::reinterpret_borrow<py::array>(out_obj);
-        check_f32(out, "qlinear: out", 2, "[M, N]");
-        check_shape(out, "qlinear: out", {M, N}, "(M from x, N from scales)");
-        check_writeable(out, "qlinear: out");
-        for (const py::array& in : inputs)
-            if (overlaps(out, in)) fail("qlinear: out must not overlap its inputs");
-    }
+    const void* sp = scales.data();
+    return lingli::QMatrix{bits, group_size, N, K, Kp, static_cast<const uint8_t*>(q.data()), qhp,
+                           coded ? nullptr : static_cast<const uint16_t*>(sp),
+                           coded ? nullptr : static_cast<const uint16_t*>(minsp),
+                           coded ? static_cast<const uint8_t*>(sp) : nullptr,
+                           coded ? static_cast<const int8_t*>(minsp) : nullptr, rsp, csp};
+}
+
+// A product's output: new, or `out_obj` checked to be a writeable float32
+// [M, N] array that overlaps none of `inputs`.
+py::array out_array(const std::string& who, const py::object& out_obj, py::ssize_t M, py::ssize_t N,
+                    const std::vector<py::array>& inputs) {
+    if (out_obj.is_none()) return new_f32({M, N});
+    if (!py::isinstance<py::array>(out_obj))
+        fail(who + ": out must be a numpy float32 array of shape " + dims_str({M, N}));
+    py::array out = py::reinterpret_borrow<py::array>(out_obj);
+    check_f32(out, who + ": out", 2, "[M, N]");
+    check_shape(out, who + ": out", {M, N}, "(M from x, N from scales)");
+    check_writeable(out, who + ": out");
+    for (const py::array& in : inputs)
+        if (overlaps(out, in)) fail(who + ": out must not overlap its inputs");
+    return out;
+}
+
+py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
+                  const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
+                  const py::object& row_scale_obj, const py::object& out_obj, int act_steps,
+                  const py::object& code_sums_obj, const py::object& prefetch_obj) {
+    if (act_steps != 1 && act_steps != 2)
+        fail("qlinear: act_steps must be 1 or 2, got " + std::to_string(act_steps));
+    check_f32(x, "qlinear: x", 2, "[M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1);
+    std::vector<py::array> inputs{x};
+    const lingli::QMatrix w = qweight("qlinear", K, bits, group_size, q, qh_obj, scales, mins_obj, row_scale_obj,
+                                      code_sums_obj, inputs);
+    const py::ssize_t N = w.n;
+    py::array out = out_array("qlinear", out_obj, M, N, inputs);
     // (The tuple's arrays outlive the call: the caller holds the tuple.)
     lingli::PrefetchPlan plan{};
     if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
-    const void* sp = scales.data();
-    lingli::QMatrix w{bits, group_size, N, K, Kp, static_cast<const uint8_t*>(q.data()), qhp,
-                      coded ? nullptr : static_cast<const uint16_t*>(sp),
-                      coded ? nullptr : static_cast<const uint16_t*>(minsp),
-                      coded ? static_cast<const uint8_t*>(sp) : nullptr,
-                      coded ? static_cast<const int8_t*>(minsp) : nullptr, rsp, csp};
     const float* xp = static_cast<const float*>(x.data());
     float* yp = static_cast<float*>(out.mutable_data());
     {
         py::gil_scoped_release nogil;
-        if (M > 0 && N > 0 && Kp == 0) {
+        if (M > 0 && N > 0 && w.kp == 0) {
             std::fill(yp, yp + M * N, 0.f);
         } else {
             lingli::qlinear(xp, M, w, yp, act_steps, plan.n > 0 ? &plan : nullptr);
+        }
+    }
+    return out;
+}
+
+// qlinear_parts(x, parts, out=None, prefetch=None): the products of x with
+// several quantized matrices side by side (qlinear.h: qlinear_parts). Each part
+// is the tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps,
+// code_sums) of qlinear's arguments; all take the same act_steps.
+py::array qlinear_parts(const py::array& x, const py::sequence& parts, const py::object& out_obj,
+                        const py::object& prefetch_obj) {
+    check_f32(x, "qlinear_parts: x", 2, "[M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1);
+    const py::ssize_t np_ = py::len(parts);
+    if (np_ < 1 || np_ > lingli::kMaxParts)
+        fail("qlinear_parts: parts must hold 1 to " + std::to_string(lingli::kMaxParts) + " matrices, got " +
+             std::to_string(np_));
+    std::vector<py::array> inputs{x};
+    std::vector<lingli::QMatrix> ws;
+    int act_steps = 0;
+    py::ssize_t N = 0;
+    for (py::ssize_t i = 0; i < np_; ++i) {
+        const std::string who = "qlinear_parts: part " + std::to_string(i);
+        const py::object item = parts[i];
+        if (!py::isinstance<py::tuple>(item) || py::len(item) != 9)
+            fail(who + " must be a tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps, "
+                       "code_sums)");
+        const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+        const int steps = t[7].cast<int>();
+        if (steps != 1 && steps != 2) fail(who + ": act_steps must be 1 or 2, got " + std::to_string(steps));
+        if (i > 0 && steps != act_steps)
+            fail(who + ": act_steps " + std::to_string(steps) + " differs from part 0's " +
+                 std::to_string(act_steps) + " (the parts share one quantization of x)");
+        act_steps = steps;
+        if (!py::isinstance<py::array>(t[2]) || !py::isinstance<py::array>(t[4]))
+            fail(who + ": q and scales must be numpy arrays");
+        ws.push_back(qweight(who, K, t[0].cast<int>(), t[1].cast<int>(), t[2].cast<py::array>(), t[3],
+                             t[4].cast<py::array>(), t[5], t[6], t[8], inputs));
+        N += ws.back().n;
+    }
+    py::array out = out_array("qlinear_parts", out_obj, M, N, inputs);
+    lingli::PrefetchPlan plan{};
+    if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(out.mutable_data());
+    {
+        py::gil_scoped_release nogil;
+        if (M > 0 && N > 0 && K == 0) {
+            std::fill(yp, yp + M * N, 0.f);
+        } else {
+            lingli::qlinear_parts(xp, M, ws.data(), static_cast<int>(ws.size()), yp, act_steps,
+                                  plan.n > 0 ? &plan : nullptr);
         }
     }
     return out;
@@ -622,6 +691,13 @@ PYBIND11_MODULE(_C, m) {
           "the codes (they must be the true sums). Writes into `out` if given. prefetch (k, v, ranges): "
           "memory the caller reads next (ranges int64 [n, 2] of byte offset and length, each in both "
           "arrays), which the batched kernels bring into L2 under the products; results are the same.");
+    m.def("qlinear_parts", &qlinear_parts, py::arg("x"), py::arg("parts"), py::arg("out") = py::none(),
+          py::arg("prefetch") = py::none(),
+          "y[M, sum N] = x[M,K] @ [W_0; W_1; ...].T for quantized matrices of any formats with the same K, "
+          "each part a tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps, code_sums) of "
+          "qlinear's arguments (the same act_steps for all): the same results as qlinear per part, side by "
+          "side. One activation row is quantized once and every part's rows run in one parallel pass. "
+          "prefetch as in qlinear (with the first part for several rows).");
     m.def("scale_table", [] {
         py::array_t<float> t(256);
         float* p = t.mutable_data();

@@ -271,4 +271,77 @@ void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_st
     for (int64_t i = 0; i < m * w.n; ++i) out[i] = both[i] + both[m * w.n + i];
 }
 
+void qlinear_parts(const float* x, int64_t m, const QMatrix* parts, int nparts, float* out,
+                   int act_steps, const PrefetchPlan* plan) {
+    int64_t off[kMaxParts + 1] = {0};
+    for (int p = 0; p < nparts; ++p) off[p + 1] = off[p] + parts[p].n;
+    const int64_t ntot = off[nparts];
+    if (m <= 0 || ntot <= 0) return;
+    if (m != 1 || act_steps != 1) {
+        // Batched rows: each part's products dominate its call; run them one by
+        // one into a buffer and place its columns.
+        thread_local std::vector<float> part_out;
+        for (int p = 0; p < nparts; ++p) {
+            const int64_t n = parts[p].n;
+            part_out.resize(static_cast<size_t>(m * n));
+            qlinear(x, m, parts[p], part_out.data(), act_steps, p == 0 ? plan : nullptr);
+            for (int64_t i = 0; i < m; ++i)
+                std::memcpy(out + i * ntot + off[p], part_out.data() + i * n, n * sizeof(float));
+        }
+        return;
+    }
+    // One row, quantized once at the longest padded K: a part with a shorter kp
+    // reads a prefix of it, the same 32-input blocks its own call would make.
+    const QPath path = qpath();
+    int64_t kp = 0, bytes = 0;
+    for (int p = 0; p < nparts; ++p) {
+        kp = std::max(kp, parts[p].kp);
+        bytes += parts[p].n * row_bytes(parts[p]);
+    }
+    const int64_t nb = kp / QBLOCK;
+    thread_local std::vector<int8_t> qbuf;
+    thread_local std::vector<float> dbuf;
+    thread_local std::vector<int32_t> sbuf;
+    qbuf.resize(static_cast<size_t>(kp));
+    dbuf.resize(static_cast<size_t>(nb));
+    sbuf.resize(static_cast<size_t>(nb));
+    quantize_acts_with(quant_for(path), x, 1, parts[0].k, kp, qbuf.data(), dbuf.data(), sbuf.data());
+    // Work chunks never straddle two parts: (part, first row, end row) each.
+    struct Chunk {
+        int p;
+        int64_t r0, r1;
+    };
+    int nt = threads_for_bytes(bytes);
+    if (nt > ntot) nt = static_cast<int>(ntot);
+    const int64_t grain = row_grain(ntot, nt, 8);
+    std::vector<Chunk> chunks;
+    for (int p = 0; p < nparts; ++p)
+        for (int64_t r = 0; r < parts[p].n; r += grain) chunks.push_back({p, r, std::min(parts[p].n, r + grain)});
+    // Pointers, not the thread_local vectors: each worker thread has its own.
+    int8_t* qx = qbuf.data();
+    float* dx = dbuf.data();
+    int32_t* sx = sbuf.data();
+    auto acts = [=](int p) { return QActs{1, parts[p].kp, qx, dx, sx}; };
+#if defined(__x86_64__)
+    if (path == QPath::Avx512Vnni) {
+        const VnniPrep* prep[kMaxParts];
+        for (int p = 0; p < nparts; ++p) prep[p] = vnni_prep(parts[p], acts(p), p);
+        parallel_chunks(static_cast<int64_t>(chunks.size()), nt, 1, [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+                const Chunk& ch = chunks[c];
+                qgemm_avx512_decode(parts[ch.p], prep[ch.p], ch.r0, ch.r1, out + off[ch.p]);
+            }
+        });
+        return;
+    }
+#endif
+    const QGemmFn fn = qgemm_for(path);
+    parallel_chunks(static_cast<int64_t>(chunks.size()), nt, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+            const Chunk& ch = chunks[c];
+            fn(parts[ch.p], acts(ch.p), ch.r0, ch.r1, out + off[ch.p], parts[ch.p].n);
+        }
+    });
+}
+
 }  // namespace lingli

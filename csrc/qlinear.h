@@ -177,7 +177,7 @@ void qgemm_avx512_tiles(const QMatrix& w, const VnniTiles* t, int64_t r0, int64_
 // the calling thread's buffer (serially), qgemm_avx512_decode() takes weight
 // rows [r0, r1), so threads share one preparation however many chunks they run.
 struct VnniPrep;
-VnniPrep* vnni_prep(const QMatrix& w, const QActs& a);
+VnniPrep* vnni_prep(const QMatrix& w, const QActs& a, int slot = 0);  // slot < kMaxParts
 void qgemm_avx512_decode(const QMatrix& w, const VnniPrep* p, int64_t r0, int64_t r1, float* out);
 
 // AVX-512 VNNI batched decode: vnni_few() sizes the calling thread's buffer
@@ -207,6 +207,17 @@ void quantize_acts(const float* x, int64_t m, int64_t k, int64_t kp,
 // the batched AVX-512 VNNI kernels take it, the others ignore it.
 void qlinear(const float* x, int64_t m, const QMatrix& w, float* out, int act_steps = 1,
              const PrefetchPlan* plan = nullptr);
+
+// Several matrices with the same inputs (formats may differ: a model's q/k/v
+// or gate/up when they were quantized differently) side by side in one
+// output: out[m, sum of n] holds part p in columns [sum of n before p, ...).
+// The same results as one qlinear per part. With one activation row
+// (decode) the row is quantized once and one parallel pass covers every
+// part's rows: the per-call costs of separate small products were most of
+// their time. Parts have the same k; nparts <= kMaxParts.
+constexpr int kMaxParts = 8;
+void qlinear_parts(const float* x, int64_t m, const QMatrix* parts, int nparts, float* out,
+                   int act_steps = 1, const PrefetchPlan* plan = nullptr);
 
 // Name of the quantized kernel current_isa() selects ("plain", "avx2",
 // "avx512_vnni", "neon", "neon_dot"), for benchmarks and tests.

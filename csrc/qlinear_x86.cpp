@@ -299,10 +299,10 @@ static void prepare_vnni(const QMatrix& w, const QActs& a, VnniPrep& p) {
     }
 }
 
-VnniPrep* vnni_prep(const QMatrix& w, const QActs& a) {
-    thread_local VnniPrep p;
-    prepare_vnni(w, a, p);
-    return &p;
+VnniPrep* vnni_prep(const QMatrix& w, const QActs& a, int slot) {
+    thread_local VnniPrep p[kMaxParts];  // one per part of a qlinear_parts call
+    prepare_vnni(w, a, p[slot]);
+    return &p[slot];
 }
 
 namespace {

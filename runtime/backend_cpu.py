@@ -172,9 +172,18 @@ class CpuBackend:
     def contiguous(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x)
 
-    def cat(self, parts: list[np.ndarray]) -> np.ndarray:
-        """Join along the last axis (outputs of a RowStack's products)."""
-        return np.concatenate(parts, axis=1)
+    def linear_stack(self, x: np.ndarray, parts: tuple, prefetch: tuple | None = None) -> np.ndarray:
+        """x @ [W_0; W_1; ...].T for matrices of different formats (a RowStack), outputs
+        side by side. Quantized parts go to one qlinear_parts call: one decode row is
+        quantized once and every part's rows run in one parallel pass (SmolLM2's int3
+        mix has an int4 k beside int3 q and v in every layer)."""
+        if all(isinstance(w, QuantizedTensor) for w in parts) and len(parts) <= 8 and \
+                len({w.act_steps for w in parts}) == 1:
+            return self._C.qlinear_parts(
+                x, [(w.bits, w.group_size, w.q, w.qh, w.scales, w.mins, w.row_scale, w.act_steps,
+                     w.code_sums) for w in parts], None, prefetch)
+        return np.concatenate([self.linear(x, w, prefetch=prefetch if i == 0 else None)
+                               for i, w in enumerate(parts)], axis=1)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x

@@ -153,8 +153,9 @@ class TritonBackend:
     def contiguous(self, x: "torch.Tensor") -> "torch.Tensor":
         return x.contiguous()
 
-    def cat(self, parts: list) -> "torch.Tensor":
-        return torch.cat(parts, dim=1)
+    def linear_stack(self, x: "torch.Tensor", parts: tuple, prefetch=None) -> "torch.Tensor":
+        """x @ [W_0; W_1; ...].T for matrices of different formats, outputs side by side."""
+        return torch.cat([self.linear(x, w) for w in parts], dim=1)
 
     def to_host(self, x: "torch.Tensor") -> np.ndarray:
         return x.float().cpu().numpy()

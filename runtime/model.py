@@ -49,8 +49,7 @@ def _cat_rows(parts: list, be) -> np.ndarray | QuantizedTensor | RowStack:
 
 def _linear(be, x: np.ndarray, w, bias: np.ndarray | None, prefetch=None) -> np.ndarray:
     if isinstance(w, RowStack):
-        y = be.cat([be.linear(x, p, prefetch=prefetch if i == 0 else None)
-                    for i, p in enumerate(w.parts)])
+        y = be.linear_stack(x, w.parts, prefetch=prefetch)
         if bias is not None:
             y += bias
         return y

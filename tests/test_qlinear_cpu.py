@@ -570,3 +570,69 @@ def test_prefetch_plan_bad_input():
         with pytest.raises(ValueError, match=what):
             _C.qlinear(x, *args, prefetch=bad)
     np.testing.assert_array_equal(_C.qlinear(x, *args, prefetch=(kc, vc, good)), _C.qlinear(x, *args))
+
+
+# ------------------------------------------------------------ qlinear_parts --
+
+def part_args(qt, act_steps=1):
+    return (qt.bits, qt.group_size, qt.q, qt.qh, qt.scales, qt.mins, qt.row_scale, act_steps, None)
+
+
+# (formats as (bits, group size, encoding), m, n per part, K): an int3 q/v beside an
+# int4 k (the int3 mix's q/k/v), group sizes whose padded K differ, a lone part,
+# chunks much smaller and larger than a part, K with a group tail.
+PARTS_CASES = [
+    ([(3, 32, "f16"), (4, 32, "codes"), (3, 32, "f16")], (1, 2, 17), (40, 9, 9), 576),
+    ([(4, 32, "codes"), (4, 128, "f16"), (8, 64, "")], (1, 3, 12), (33, 5, 70), 1000),
+    ([(4, 64, "codes")], (1, 5), (129,), 100),
+    ([(3, 128, "codes"), (8, 32, ""), (4, 32, "f16"), (3, 64, "f16")], (1, 16), (300, 1, 64, 7), 2080),
+]
+
+
+@pytest.mark.parametrize("fmts,ms,ns,k", PARTS_CASES, ids=[f"{len(c[0])}parts-k{c[3]}" for c in PARTS_CASES])
+def test_qlinear_parts_equal_one_product_per_part(restore_isa, fmts, ms, ns, k):
+    """Side by side, bit for bit what qlinear gives each part, on every path."""
+    rng = rng_for("parts", k, len(fmts))
+    qts = [quantize_rtn(make_weights(rng, n, k), b, g, e or "codes") for (b, g, e), n in zip(fmts, ns)]
+    for m in ms:
+        x = make_x(rng, m, k)
+        for isa, nt in each_path():
+            want = np.concatenate([run_qlinear(x, qt) for qt in qts], axis=1)
+            got = _C.qlinear_parts(x, [part_args(qt) for qt in qts])
+            assert got.shape == (m, sum(ns)) and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want, err_msg=f"{isa} t{nt} m={m}")
+
+
+def test_qlinear_parts_two_step_out_and_prefetch(restore_isa):
+    rng = rng_for("parts-two-step")
+    qts = [quantize_rtn(make_weights(rng, n, 300), 8, 32) for n in (20, 13)]
+    k = np.zeros((4, 64), np.float32)
+    plan = (k, k.copy(), np.array([[0, 256], [512, 64]], np.int64))
+    for m in (1, 3, 16):
+        x = make_x(rng, m, 300)
+        want = np.concatenate([_C.qlinear(x, 8, 32, qt.q, None, qt.scales, None, None, None, 2)
+                               for qt in qts], axis=1)
+        out = np.full((m, 33), np.nan, np.float32)
+        assert _C.qlinear_parts(x, [part_args(qt, 2) for qt in qts], out, plan) is out
+        np.testing.assert_array_equal(out, want)
+
+
+def test_qlinear_parts_bad_input():
+    rng = rng_for("parts-bad")
+    a, b = (quantize_rtn(make_weights(rng, n, 100), 4, 32) for n in (5, 6))
+    wide = quantize_rtn(make_weights(rng, 5, 200), 4, 32)
+    x = make_x(rng, 2, 100)
+    cases = [
+        ([], r"1 to 8 matrices, got 0"),
+        ([part_args(a)] * 9, r"1 to 8 matrices, got 9"),
+        ([part_args(a), part_args(b)[:8]], r"part 1 must be a tuple"),
+        ([part_args(a), part_args(b, 2)], r"part 1: act_steps 2 differs from part 0's 1"),
+        ([part_args(a), part_args(wide)], r"part 1: x has K = 100"),
+        ([part_args(a), (3,) + part_args(b)[1:]], r"part 1: q has shape \(6, 64\), expected \[6, 32\]"),
+        ([part_args(a, 3)], r"part 0: act_steps must be 1 or 2"),
+    ]
+    for parts, frag in cases:
+        with pytest.raises(ValueError, match=frag):
+            _C.qlinear_parts(x, parts)
+    with pytest.raises(ValueError, match=r"qlinear_parts: out has shape"):
+        _C.qlinear_parts(x, [part_args(a), part_args(b)], np.zeros((2, 10), np.float32))

@@ -91,3 +91,22 @@ def test_quantize_cli(float_dir, tmp_path, capsys):
     # Writing over a non-empty directory is refused without --overwrite.
     rc = main(["quantize", str(float_dir), str(tmp_path / "cli"), "--bits", "4"])
     assert rc == 2 and "lingli: error:" in capsys.readouterr().err
+
+
+def test_mixed_format_products_match_one_product_per_part(float_dir, monkeypatch):
+    """The int3 mix's q/k/v (int3, int4, int3) runs as one qlinear_parts call: the same
+    outputs, and the same logits, as one product per part placed side by side."""
+    llm = LLM(str(float_dir), quant="int3", group_size=32, quant_method="search", progress=False)
+    be = llm.model.backend if hasattr(llm.model, "backend") else llm.backend
+    stacks = [lw.wqkv for lw in llm.model.layers if isinstance(lw.wqkv, RowStack)]
+    assert stacks and [p.bits for p in stacks[0].parts] == [3, 4, 3]
+    rng = np.random.default_rng(0)
+    for m in (1, 4):
+        x = rng.standard_normal((m, stacks[0].parts[0].shape[1])).astype(np.float32)
+        want = np.concatenate([be.linear(x, p) for p in stacks[0].parts], axis=1)
+        assert np.array_equal(be.linear_stack(x, stacks[0].parts), want)
+    ids = llm.tokenizer.encode("the quick brown fox 你好")
+    fused = llm.logits(ids)
+    monkeypatch.setattr(type(be), "linear_stack", lambda self, x, parts, prefetch=None: np.concatenate(
+        [self.linear(x, p, prefetch=prefetch if i == 0 else None) for i, p in enumerate(parts)], axis=1))
+    assert np.array_equal(llm.logits(ids), fused)

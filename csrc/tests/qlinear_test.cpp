@@ -432,6 +432,38 @@ void check_dispatch() {
 #endif
 }
 
+// qlinear_parts on the current ISA: the same floats as one qlinear per part,
+// side by side (one and several activation rows, mixed formats and group sizes).
+void check_parts() {
+    const int64_t K = 300;
+    const int fmts[][3] = {{3, 32, 0}, {4, 32, 1}, {3, 64, 1}, {8, 128, 0}};  // bits, G, coded
+    const int64_t ns[] = {37, 5, 64, 9};
+    std::vector<QWeights> ws;
+    std::vector<QMatrix> views;
+    for (int p = 0; p < 4; ++p) {
+        std::vector<float> wf(ns[p] * K);
+        for (auto& v : wf) v = uniform();
+        ws.push_back(quantize_rtn(wf, ns[p], K, fmts[p][0], fmts[p][1], fmts[p][2] != 0));
+    }
+    for (const QWeights& w : ws) views.push_back(w.view());
+    const int64_t ntot = 37 + 5 + 64 + 9;
+    for (int64_t M : {int64_t(1), int64_t(3)}) {
+        std::vector<float> xf(M * K), got(M * ntot, NAN), want(M * ntot, NAN);
+        for (auto& v : xf) v = uniform();
+        int64_t off = 0;
+        for (int p = 0; p < 4; ++p) {
+            std::vector<float> y(M * ns[p]);
+            qlinear(xf.data(), M, views[p], y.data());
+            for (int64_t i = 0; i < M; ++i)
+                for (int64_t r = 0; r < ns[p]; ++r) want[i * ntot + off + r] = y[i * ns[p] + r];
+            off += ns[p];
+        }
+        qlinear_parts(xf.data(), M, views.data(), 4, got.data());
+        report(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+               std::string("qlinear_parts == qlinear per part on ") + qgemm_path() + ", M = " + std::to_string(M));
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -469,6 +501,7 @@ int main() {
                 }
         }
     check_dispatch();
+    check_parts();
     check_parallel_chunks();
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed ? 1 : 0;
