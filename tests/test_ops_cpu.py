@@ -228,6 +228,10 @@ ATTN_CASES = [  # (Hq, Hkv, Dh, block_size, prefix_len, T)
     (2, 1, 7, 16, 44, 1),      # tiny odd head dim, MQA decode
     (4, 2, 128, 16, 100, 3),   # larger head dim
     (3, 3, 16, 5, 11, 4),      # odd block size
+    (32, 4, 64, 16, 70, 1),    # TinyLlama-shape decode: 8 heads per kv head in one item
+    (8, 1, 64, 16, 50, 1),     # MQA decode: the group cut in two items of 4 heads for 2 threads
+    (6, 1, 32, 16, 300, 1),    # MQA decode, items of 3 heads (enough keys for 2 threads)
+    (3, 1, 64, 16, 400, 1),    # MQA decode, 3 heads: 2 do not divide the group, items of 1
 ]
 
 
