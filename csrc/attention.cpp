@@ -449,6 +449,37 @@ void paged_write(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t 
     }
 }
 
+// q rotated out, k rotated and v stored (ops.h). One token at a time: the
+// work is a few heads' rows, less than a thread team's start-up.
+template <typename KV>
+void rope_write(const float* qkv, int64_t ld, float* q_out, KV* k_cache, KV* v_cache,
+                const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                const int32_t* positions, const float* cos, const float* sin, int64_t half_rot,
+                bool interleaved, int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size) {
+    std::vector<float> k(static_cast<size_t>(Dh));
+    for (int64_t t = 0; t < T; ++t) {
+        const float* row = qkv + t * ld;
+        const int64_t pos = positions[t];
+        const float* c = cos + pos * half_rot;
+        const float* s = sin + pos * half_rot;
+        for (int64_t h = 0; h < Hq; ++h) {
+            float* q = q_out + (t * Hq + h) * Dh;
+            std::copy(row + h * Dh, row + (h + 1) * Dh, q);
+            rope_head(q, c, s, half_rot, interleaved);
+        }
+        const int64_t blk = block_tables[int64_t(seq_ids[t]) * table_stride + pos / block_size];
+        const int64_t slot = pos % block_size;
+        for (int64_t h = 0; h < Hkv; ++h) {
+            const int64_t dst = ((blk * Hkv + h) * block_size + slot) * Dh;
+            const float* kr = row + (Hq + h) * Dh;
+            std::copy(kr, kr + Dh, k.data());
+            rope_head(k.data(), c, s, half_rot, interleaved);
+            store_row(k.data(), k_cache + dst, Dh);
+            store_row(row + (Hq + Hkv + h) * Dh, v_cache + dst, Dh);
+        }
+    }
+}
+
 // The two element types of the cache (ops.h).
 template void paged_attention<float>(const float*, const float*, const float*, const int32_t*, int64_t,
                                      const int32_t*, const int32_t*, float*, int64_t, int64_t, int64_t,
@@ -461,5 +492,11 @@ template void paged_write<float>(float*, float*, const int32_t*, int64_t, const 
 template void paged_write<uint16_t>(uint16_t*, uint16_t*, const int32_t*, int64_t, const int32_t*,
                                     const int32_t*, const float*, const float*, int64_t, int64_t, int64_t,
                                     int64_t);
+template void rope_write<float>(const float*, int64_t, float*, float*, float*, const int32_t*, int64_t,
+                                const int32_t*, const int32_t*, const float*, const float*, int64_t, bool,
+                                int64_t, int64_t, int64_t, int64_t, int64_t);
+template void rope_write<uint16_t>(const float*, int64_t, float*, uint16_t*, uint16_t*, const int32_t*,
+                                   int64_t, const int32_t*, const int32_t*, const float*, const float*,
+                                   int64_t, bool, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace lingli

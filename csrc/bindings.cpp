@@ -157,25 +157,34 @@ py::array rms_norm(const py::array& x, const py::array& weight, double eps) {
     return y;
 }
 
+// The rotary tables cos/sin [P, R/2] against head dim Dh (of `xdesc`) and
+// positions [T] (each in [0, P)); returns R/2.
+py::ssize_t check_rope(const std::string& who, const py::array& positions, const py::array& cos,
+                       const py::array& sin, py::ssize_t T, py::ssize_t Dh, const std::string& xdesc) {
+    check_i32(positions, who + ": positions", 1, "[T]");
+    check_f32(cos, who + ": cos", 2, "[P, R/2]");
+    check_f32(sin, who + ": sin", 2, "[P, R/2]");
+    const py::ssize_t P = cos.shape(0), half = cos.shape(1);
+    check_shape(positions, who + ": positions", {T}, "(T from x)");
+    check_shape(sin, who + ": sin", {P, half}, "(same as cos)");
+    if (2 * half > Dh)
+        fail(who + ": rotary dim R = 2*cos.shape[1] = " + std::to_string(2 * half) +
+             " exceeds head dim Dh = " + std::to_string(Dh) + " of " + xdesc);
+    const int32_t* pos = static_cast<const int32_t*>(positions.data());
+    for (py::ssize_t t = 0; t < T; ++t)
+        if (pos[t] < 0 || pos[t] >= P)
+            fail(who + ": positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
+                 " is out of range [0, " + std::to_string(P) + ") of the cos/sin tables");
+    return half;
+}
+
 void rope_(py::array x, const py::array& positions, const py::array& cos,
            const py::array& sin, bool interleaved) {
     check_f32(x, "rope_: x", 3, "[T, H, Dh]");
     check_writeable(x, "rope_: x");
-    check_i32(positions, "rope_: positions", 1, "[T]");
-    check_f32(cos, "rope_: cos", 2, "[P, R/2]");
-    check_f32(sin, "rope_: sin", 2, "[P, R/2]");
     const py::ssize_t T = x.shape(0), H = x.shape(1), Dh = x.shape(2);
-    const py::ssize_t P = cos.shape(0), half = cos.shape(1);
-    check_shape(positions, "rope_: positions", {T}, "(T from x)");
-    check_shape(sin, "rope_: sin", {P, half}, "(same as cos)");
-    if (2 * half > Dh)
-        fail("rope_: rotary dim R = 2*cos.shape[1] = " + std::to_string(2 * half) +
-             " exceeds head dim Dh = " + std::to_string(Dh) + " of x " + shape_str(x));
+    const py::ssize_t half = check_rope("rope_", positions, cos, sin, T, Dh, "x " + shape_str(x));
     const int32_t* pos = static_cast<const int32_t*>(positions.data());
-    for (py::ssize_t t = 0; t < T; ++t)
-        if (pos[t] < 0 || pos[t] >= P)
-            fail("rope_: positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
-                 " is out of range [0, " + std::to_string(P) + ") of the cos/sin tables");
     float* xp = static_cast<float*>(x.mutable_data());
     const float* cp = static_cast<const float*>(cos.data());
     const float* sp = static_cast<const float*>(sin.data());
@@ -310,6 +319,28 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
     return out;
 }
 
+// Every token's cache slot: its sequence row (seq_ids[t]) in block_table [S, nb],
+// its position within that row's blocks, the block within the NB of the pool.
+void check_slots(const std::string& who, const py::array& block_table, const py::array& seq_ids,
+                 const py::array& positions, py::ssize_t NB, py::ssize_t BS) {
+    const py::ssize_t S = block_table.shape(0), nb = block_table.shape(1), T = positions.shape(0);
+    const int32_t* tables = static_cast<const int32_t*>(block_table.data());
+    const int32_t* sid = static_cast<const int32_t*>(seq_ids.data());
+    const int32_t* pos = static_cast<const int32_t*>(positions.data());
+    for (py::ssize_t t = 0; t < T; ++t) {
+        if (sid[t] < 0 || sid[t] >= S)
+            fail(who + ": seq_ids[" + std::to_string(t) + "] = " + std::to_string(sid[t]) +
+                 " is out of range [0, " + std::to_string(S) + ")");
+        if (pos[t] < 0 || pos[t] / BS >= nb)
+            fail(who + ": positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
+                 " is outside the " + std::to_string(nb) + " blocks of its table row");
+        const int32_t b = tables[int64_t(sid[t]) * nb + pos[t] / BS];
+        if (b < 0 || b >= NB)
+            fail(who + ": block " + std::to_string(b) + " for token " + std::to_string(t) +
+                 " is out of range [0, " + std::to_string(NB) + ")");
+    }
+}
+
 void paged_write(py::array k_cache, py::array v_cache, const py::array& block_table,
                  const py::array& seq_ids, const py::array& positions, const py::array& k,
                  const py::array& v) {
@@ -328,22 +359,11 @@ void paged_write(py::array k_cache, py::array v_cache, const py::array& block_ta
     check_shape(k, "paged_write: k", {T, Hkv, Dh}, "(T from positions, Hkv and Dh from the cache)");
     check_shape(v, "paged_write: v", {T, Hkv, Dh}, "(same as k)");
     if (BS == 0) fail("paged_write: block_size (k_cache.shape[2]) must be > 0");
-    const py::ssize_t S = block_table.shape(0), nb = block_table.shape(1);
+    check_slots("paged_write", block_table, seq_ids, positions, NB, BS);
+    const py::ssize_t nb = block_table.shape(1);
     const int32_t* tables = static_cast<const int32_t*>(block_table.data());
     const int32_t* sid = static_cast<const int32_t*>(seq_ids.data());
     const int32_t* pos = static_cast<const int32_t*>(positions.data());
-    for (py::ssize_t t = 0; t < T; ++t) {
-        if (sid[t] < 0 || sid[t] >= S)
-            fail("paged_write: seq_ids[" + std::to_string(t) + "] = " + std::to_string(sid[t]) +
-                 " is out of range [0, " + std::to_string(S) + ")");
-        if (pos[t] < 0 || pos[t] / BS >= nb)
-            fail("paged_write: positions[" + std::to_string(t) + "] = " + std::to_string(pos[t]) +
-                 " is outside the " + std::to_string(nb) + " blocks of its table row");
-        const int32_t b = tables[int64_t(sid[t]) * nb + pos[t] / BS];
-        if (b < 0 || b >= NB)
-            fail("paged_write: block " + std::to_string(b) + " for token " + std::to_string(t) +
-                 " is out of range [0, " + std::to_string(NB) + ")");
-    }
     const float* kp = static_cast<const float*>(k.data());
     const float* vp = static_cast<const float*>(v.data());
     py::gil_scoped_release nogil;
@@ -355,6 +375,50 @@ void paged_write(py::array k_cache, py::array v_cache, const py::array& block_ta
         lingli::paged_write(static_cast<float*>(k_cache.mutable_data()),
                             static_cast<float*>(v_cache.mutable_data()), tables, nb, sid, pos, kp, vp,
                             T, Hkv, Dh, BS);
+}
+
+// rope_write(qkv, hq, positions, cos, sin, interleaved, k_cache, v_cache,
+// block_table, seq_ids) -> q [T, hq, Dh] (ops.h: rope_write).
+py::array rope_write(const py::array& qkv, py::ssize_t hq, const py::array& positions, const py::array& cos,
+                     const py::array& sin, bool interleaved, py::array k_cache, py::array v_cache,
+                     const py::array& block_table, const py::array& seq_ids) {
+    const bool half = check_kv(k_cache, v_cache, "rope_write");
+    check_writeable(k_cache, "rope_write: k_cache");
+    check_writeable(v_cache, "rope_write: v_cache");
+    const py::ssize_t NB = k_cache.shape(0), Hkv = k_cache.shape(1), BS = k_cache.shape(2),
+                      Dh = k_cache.shape(3);
+    check_shape(v_cache, "rope_write: v_cache", {NB, Hkv, BS, Dh}, "(same as k_cache)");
+    if (BS == 0) fail("rope_write: block_size (k_cache.shape[2]) must be > 0");
+    if (hq <= 0 || hq % Hkv != 0)
+        fail("rope_write: hq = " + std::to_string(hq) + " query heads must be a positive multiple of the "
+             "cache's " + std::to_string(Hkv) + " kv heads");
+    const py::ssize_t ld = check_f32_rows(qkv, "rope_write: qkv", "[T, (hq + 2 Hkv) Dh]");
+    const py::ssize_t T = qkv.shape(0);
+    check_shape(qkv, "rope_write: qkv", {T, (hq + 2 * Hkv) * Dh}, "(hq + 2 Hkv heads of Dh from the cache)");
+    const py::ssize_t hr = check_rope("rope_write", positions, cos, sin, T, Dh, "the cache");
+    check_i32(block_table, "rope_write: block_table", 2, "[S, nb]");
+    check_i32(seq_ids, "rope_write: seq_ids", 1, "[T]");
+    check_shape(seq_ids, "rope_write: seq_ids", {T}, "(T from qkv)");
+    check_slots("rope_write", block_table, seq_ids, positions, NB, BS);
+    auto q = new_f32({T, hq, Dh});
+    const float* xp = static_cast<const float*>(qkv.data());
+    float* qp = q.mutable_data();
+    const int32_t* tables = static_cast<const int32_t*>(block_table.data());
+    const int32_t* sid = static_cast<const int32_t*>(seq_ids.data());
+    const int32_t* pos = static_cast<const int32_t*>(positions.data());
+    const float* cp = static_cast<const float*>(cos.data());
+    const float* sp = static_cast<const float*>(sin.data());
+    const py::ssize_t nb = block_table.shape(1);
+    py::gil_scoped_release nogil;
+    if (half)
+        lingli::rope_write(xp, ld, qp, static_cast<uint16_t*>(k_cache.mutable_data()),
+                           static_cast<uint16_t*>(v_cache.mutable_data()), tables, nb, sid, pos, cp, sp, hr,
+                           interleaved, T, hq, Hkv, Dh, BS);
+    else
+        lingli::rope_write(xp, ld, qp, static_cast<float*>(k_cache.mutable_data()),
+                           static_cast<float*>(v_cache.mutable_data()), tables, nb, sid, pos, cp, sp, hr,
+                           interleaved, T, hq, Hkv, Dh, BS);
+    return q;
 }
 
 // ------------------------------------------------------------ qlinear ----
@@ -673,6 +737,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("v"),
           "Store k, v [T,Hkv,Dh] in place at each token's slot: block "
           "block_table[seq_ids[t], positions[t] // block_size], slot positions[t] % block_size.");
+
+    m.def("rope_write", &rope_write, py::arg("qkv"), py::arg("hq"), py::arg("positions"), py::arg("cos"),
+          py::arg("sin"), py::arg("interleaved"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
+          py::arg("seq_ids"),
+          "A fused q/k/v product's rows qkv [T, (hq + 2 Hkv) Dh] (rows contiguous): returns the queries "
+          "rotated (rope_) as [T, hq, Dh]; the keys, rotated, and the values go to the cache as paged_write "
+          "stores them. The same floats as rope_ on q and k and then paged_write.");
 
     m.def("quantize_acts", &quantize_acts, py::arg("x"), py::arg("kp"),
           "Quantize x[M,K] per 32-input block: (q int8 [M,kp], d float32 [M,kp/32], "

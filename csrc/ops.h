@@ -21,6 +21,8 @@ void rms_norm(const float* x, const float* weight, float* y, int64_t M, int64_t 
 // must already be checked to lie in [0, P).
 void rope(float* x, const int32_t* positions, const float* cos, const float* sin,
           int64_t T, int64_t H, int64_t Dh, int64_t half_rot, bool interleaved);
+// One head's vector v[Dh] rotated in place by one position's angles (c, s: half_rot each).
+void rope_head(float* v, const float* c, const float* s, int64_t half_rot, bool interleaved);
 
 // out[M,F] = silu(gate) * up; gate and up rows start ldg / ldu floats apart
 // (F when contiguous; 2F for the halves of a fused gate|up product).
@@ -38,6 +40,15 @@ template <typename KV>
 void paged_write(KV* k_cache, KV* v_cache, const int32_t* block_tables, int64_t table_stride,
                  const int32_t* seq_ids, const int32_t* positions, const float* k, const float* v,
                  int64_t T, int64_t Hkv, int64_t Dh, int64_t block_size);
+
+// A fused q/k/v product's rows qkv[T, ld] = [q (Hq heads) | k (Hkv) | v (Hkv)] x Dh:
+// q rotated into q_out [T, Hq, Dh], k rotated and v stored into the cache as
+// paged_write stores them; the same floats as rope on q and k, then paged_write.
+template <typename KV>
+void rope_write(const float* qkv, int64_t ld, float* q_out, KV* k_cache, KV* v_cache,
+                const int32_t* block_tables, int64_t table_stride, const int32_t* seq_ids,
+                const int32_t* positions, const float* cos, const float* sin, int64_t half_rot,
+                bool interleaved, int64_t T, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t block_size);
 
 // block_tables [S, table_stride]; seq_ids [T] picks each token's row (nullptr: row 0).
 template <typename KV>

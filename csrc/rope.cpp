@@ -12,6 +12,24 @@
 
 namespace lingli {
 
+void rope_head(float* v, const float* c, const float* s, int64_t half_rot, bool interleaved) {
+    if (interleaved) {
+        for (int64_t i = 0; i < half_rot; ++i) {
+            const float x1 = v[2 * i], x2 = v[2 * i + 1];
+            v[2 * i] = x1 * c[i] - x2 * s[i];
+            v[2 * i + 1] = x2 * c[i] + x1 * s[i];
+        }
+    } else {
+        float* lo = v;
+        float* hi = v + half_rot;
+        for (int64_t i = 0; i < half_rot; ++i) {
+            const float x1 = lo[i], x2 = hi[i];
+            lo[i] = x1 * c[i] - x2 * s[i];
+            hi[i] = x2 * c[i] + x1 * s[i];
+        }
+    }
+}
+
 void rope(float* x, const int32_t* positions, const float* cos, const float* sin, int64_t T,
           int64_t H, int64_t Dh, int64_t half_rot, bool interleaved) {
     const int nt = threads_for_bytes(T * H * Dh * 8);
@@ -19,24 +37,7 @@ void rope(float* x, const int32_t* positions, const float* cos, const float* sin
     for (int64_t t = 0; t < T; ++t) {
         const float* c = cos + static_cast<int64_t>(positions[t]) * half_rot;
         const float* s = sin + static_cast<int64_t>(positions[t]) * half_rot;
-        for (int64_t h = 0; h < H; ++h) {
-            float* v = x + (t * H + h) * Dh;
-            if (interleaved) {
-                for (int64_t i = 0; i < half_rot; ++i) {
-                    const float x1 = v[2 * i], x2 = v[2 * i + 1];
-                    v[2 * i] = x1 * c[i] - x2 * s[i];
-                    v[2 * i + 1] = x2 * c[i] + x1 * s[i];
-                }
-            } else {
-                float* lo = v;
-                float* hi = v + half_rot;
-                for (int64_t i = 0; i < half_rot; ++i) {
-                    const float x1 = lo[i], x2 = hi[i];
-                    lo[i] = x1 * c[i] - x2 * s[i];
-                    hi[i] = x2 * c[i] + x1 * s[i];
-                }
-            }
-        }
+        for (int64_t h = 0; h < H; ++h) rope_head(x + (t * H + h) * Dh, c, s, half_rot, interleaved);
     }
 }
 

@@ -119,6 +119,20 @@ class TritonBackend:
         return self._attn.paged_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
                                           positions, scale, batch.seq_ids, plan=batch.plan)
 
+    def rope_write(self, qkv: "torch.Tensor", hq: int, positions: "torch.Tensor",
+                   cos: "torch.Tensor", sin: "torch.Tensor", interleaved: bool,
+                   cache: PagedKVCache, layer: int, batch: BatchKV) -> "torch.Tensor":
+        """RoPE on q and k of the fused q/k/v rows, k and v into the cache; q [T, hq, dh]."""
+        T = qkv.shape[0]
+        hkv, dh = cache.k[layer].shape[1], cache.k[layer].shape[3]
+        q = qkv[:, :hq * dh].contiguous().reshape(T, hq, dh)
+        k = qkv[:, hq * dh:(hq + hkv) * dh].contiguous().reshape(T, hkv, dh)
+        v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
+        self.rope_(q, positions, cos, sin, interleaved)
+        self.rope_(k, positions, cos, sin, interleaved)
+        self.kv_write(cache, layer, batch, positions, k, v)
+        return q
+
     def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: "torch.Tensor",
                  k: "torch.Tensor", v: "torch.Tensor") -> None:
         # The engine reserved every block before scheduling these positions. The

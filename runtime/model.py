@@ -139,7 +139,7 @@ class LlamaModel:
         cfg, be = self.config, self.backend
         T = len(tokens)
         batch = kv if isinstance(kv, BatchKV) else BatchKV.of([kv], [T])
-        hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        hq, dh = cfg.num_heads, cfg.head_dim
         positions, batch = be.forward_inputs(positions, batch)  # on the backend's device
         x = be.embedding(self.embed, tokens)                                  # [T, H]
         # The cache blocks attention will read: each layer's q/k/v product
@@ -149,12 +149,9 @@ class LlamaModel:
             h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
             qkv = _linear(be, h, lw.wqkv, lw.bqkv,                            # [T, (hq+2hkv)dh]
                           be.kv_prefetch(cache, i, ranges))
-            q = be.contiguous(qkv[:, :hq * dh]).reshape(T, hq, dh)
-            k = be.contiguous(qkv[:, hq * dh:(hq + hkv) * dh]).reshape(T, hkv, dh)
-            v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh)
-            be.rope_(q, positions, self.cos, self.sin, cfg.rope_interleaved)
-            be.rope_(k, positions, self.cos, self.sin, cfg.rope_interleaved)
-            be.kv_write(cache, i, batch, positions, k, v)
+            # RoPE on q and k; k and v go into this layer's cache blocks; q [T, hq, dh].
+            q = be.rope_write(qkv, hq, positions, self.cos, self.sin, cfg.rope_interleaved,
+                              cache, i, batch)
             attn = be.attention(q, cache, i, batch, positions, self.scale)     # [T, hq, dh]
             x += be.linear(attn.reshape(T, hq * dh), lw.wo, lw.bo)
             h = be.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)

@@ -344,6 +344,59 @@ def test_paged_write_matches_numpy_scatter():
         _C.paged_write(k_cache, v_cache, tables, seq_ids, pos, k[:, :2].copy(), v)
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("hq,R", [(3, 6), (6, 4), (9, 2)])
+def test_rope_write_equals_rope_then_paged_write(isa_threads, kv_dtype, interleaved, hq, R):
+    """The fused q/k/v rows: q rotated out, k rotated and v into the cache, the same
+    floats as rope_ on q and k and then paged_write (full and partial rotary dims,
+    grouped heads, tokens of two sequences interleaved, rows of a wider array)."""
+    k_cache, v_cache, tables, seq_ids, pos, _, _ = ref.paged_write_case(rng_for("rope-write", hq, R))
+    k_cache, v_cache = k_cache.astype(kv_dtype), v_cache.astype(kv_dtype)
+    T, hkv, dh = len(pos), k_cache.shape[1], k_cache.shape[3]
+    cos, sin = ref.rope_tables(20, R)
+    wide = rng_for("rope-write-qkv", hq).standard_normal((T, (hq + 2 * hkv) * dh + 3)).astype(np.float32)
+    qkv = wide[:, :-3]                                    # rows 3 floats apart from the next
+    q = qkv[:, :hq * dh].reshape(T, hq, dh).copy()
+    k = qkv[:, hq * dh:(hq + hkv) * dh].reshape(T, hkv, dh).copy()
+    v = qkv[:, (hq + hkv) * dh:].reshape(T, hkv, dh).copy()
+    _C.rope_(q, pos, cos, sin, interleaved)
+    _C.rope_(k, pos, cos, sin, interleaved)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    _C.paged_write(want_k, want_v, tables, seq_ids, pos, k, v)
+    before = qkv.copy()
+    got = _C.rope_write(qkv, hq, pos, cos, sin, interleaved, k_cache, v_cache, tables, seq_ids)
+    assert got.shape == (T, hq, dh) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, q)
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)
+    np.testing.assert_array_equal(qkv, before)              # its input is left as it was
+
+
+def test_rope_write_bad_input():
+    k_cache, v_cache, tables, seq_ids, pos, _, _ = ref.paged_write_case(rng_for("rope-write-bad"))
+    cos, sin = ref.rope_tables(20, 6)
+    qkv = np.zeros((5, 9 * 7), np.float32)                  # hq 3 + 2 * 3 kv heads of 7
+    call = lambda **kw: _C.rope_write(**{**dict(qkv=qkv, hq=3, positions=pos, cos=cos, sin=sin,
+                                                interleaved=False, k_cache=k_cache, v_cache=v_cache,
+                                                block_table=tables, seq_ids=seq_ids), **kw})
+    call()
+    cases = [
+        (dict(hq=4), r"hq = 4 query heads must be a positive multiple of the cache's 3 kv heads"),
+        (dict(qkv=qkv[:, :-7].copy()), r"rope_write: qkv has shape \(5, 56\)"),
+        (dict(qkv=qkv[:, ::2]), r"rope_write: qkv must have contiguous rows"),
+        (dict(positions=np.array([9, 0, 12, 5, 20], np.int32)), r"positions\[4\] = 20 is out of range"),
+        (dict(cos=ref.rope_tables(20, 8)[0], sin=ref.rope_tables(20, 8)[1]), r"rotary dim R = 2\*cos.shape\[1\] = 8 exceeds head dim Dh = 7 of the cache"),
+        (dict(seq_ids=np.array([1, 0, 0, 1, 2], np.int32)), r"seq_ids\[4\] = 2 is out of range"),
+        (dict(positions=np.array([9, 0, 12, 5, 15], np.int32)), r"positions\[4\] = 15 is outside the 3 blocks"),
+        (dict(v_cache=v_cache.astype(np.float16)), r"v_cache must be float32 like k_cache"),
+        (dict(seq_ids=seq_ids[:4].copy()), r"rope_write: seq_ids has shape"),
+    ]
+    for kw, frag in cases:
+        with pytest.raises(ValueError, match=frag):
+            call(**kw)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_paged_write_f16_rounds_like_numpy(isa):
     """A float16 cache gets numpy's astype(float16) bit for bit: ties to even,
