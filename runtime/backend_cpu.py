@@ -123,7 +123,8 @@ class CpuBackend:
         per = cache.k[0][0].nbytes                       # one block of one layer: [Hkv, bs, Dh]
         count = np.zeros(len(batch.block_tables), dtype=np.int64)
         np.maximum.at(count, batch.seq_ids, np.asarray(positions, dtype=np.int64) // cache.block_size + 1)
-        ids = np.concatenate([batch.block_tables[s, :c] for s, c in enumerate(count) if c])
+        # Each row's first count[s] blocks, in row order (one mask, no per-row slices).
+        ids = batch.block_tables[np.arange(batch.block_tables.shape[1]) < count[:, None]]
         ranges = np.empty((len(ids), 2), dtype=np.int64)
         ranges[:, 0] = ids.astype(np.int64) * per
         ranges[:, 1] = per
