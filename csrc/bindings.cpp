@@ -602,6 +602,26 @@ py::array out_array(const std::string& who, const py::object& out_obj, py::ssize
     return out;
 }
 
+// out[M, sum of n] = x @ [W_0; ...].T for checked weights (the GIL released;
+// an empty K gives zeros). prefetch: qlinear's (k, v, ranges) or None.
+void run_products(const py::array& x, const std::vector<lingli::QMatrix>& ws, py::array& out, int act_steps,
+                  const py::object& prefetch_obj) {
+    // (The tuple's arrays outlive the call: the caller holds the tuple.)
+    lingli::PrefetchPlan plan{};
+    if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
+    const py::ssize_t M = out.shape(0), N = out.shape(1);
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    const lingli::PrefetchPlan* pp = plan.n > 0 ? &plan : nullptr;
+    if (M > 0 && N > 0 && ws[0].kp == 0)
+        std::fill(yp, yp + M * N, 0.f);
+    else if (ws.size() == 1)
+        lingli::qlinear(xp, M, ws[0], yp, act_steps, pp);
+    else
+        lingli::qlinear_parts(xp, M, ws.data(), static_cast<int>(ws.size()), yp, act_steps, pp);
+}
+
 py::array qlinear(const py::array& x, int bits, int group_size, const py::array& q,
                   const py::object& qh_obj, const py::array& scales, const py::object& mins_obj,
                   const py::object& row_scale_obj, const py::object& out_obj, int act_steps,
@@ -615,19 +635,7 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
                                       code_sums_obj, inputs);
     const py::ssize_t N = w.n;
     py::array out = out_array("qlinear", out_obj, M, N, inputs);
-    // (The tuple's arrays outlive the call: the caller holds the tuple.)
-    lingli::PrefetchPlan plan{};
-    if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
-    const float* xp = static_cast<const float*>(x.data());
-    float* yp = static_cast<float*>(out.mutable_data());
-    {
-        py::gil_scoped_release nogil;
-        if (M > 0 && N > 0 && w.kp == 0) {
-            std::fill(yp, yp + M * N, 0.f);
-        } else {
-            lingli::qlinear(xp, M, w, yp, act_steps, plan.n > 0 ? &plan : nullptr);
-        }
-    }
+    run_products(x, {w}, out, act_steps, prefetch_obj);
     return out;
 }
 
@@ -667,19 +675,7 @@ py::array qlinear_parts(const py::array& x, const py::sequence& parts, const py:
         N += ws.back().n;
     }
     py::array out = out_array("qlinear_parts", out_obj, M, N, inputs);
-    lingli::PrefetchPlan plan{};
-    if (!prefetch_obj.is_none()) plan = prefetch_plan(prefetch_obj);
-    const float* xp = static_cast<const float*>(x.data());
-    float* yp = static_cast<float*>(out.mutable_data());
-    {
-        py::gil_scoped_release nogil;
-        if (M > 0 && N > 0 && K == 0) {
-            std::fill(yp, yp + M * N, 0.f);
-        } else {
-            lingli::qlinear_parts(xp, M, ws.data(), static_cast<int>(ws.size()), yp, act_steps,
-                                  plan.n > 0 ? &plan : nullptr);
-        }
-    }
+    run_products(x, ws, out, act_steps, prefetch_obj);
     return out;
 }
 
