@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(CROSS is None or QEMU is None,
                                 reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
 
 SOURCES = ["tests/qlinear_test.cpp", "qlinear.cpp", "qlinear_neon.cpp", "cpu_features.cpp"]
-ATTN_SOURCES = ["tests/attention_test.cpp", "attention.cpp", "cpu_features.cpp"]
+ATTN_SOURCES = ["tests/attention_test.cpp", "attention.cpp", "rope.cpp", "cpu_features.cpp"]  # rope_write uses rope_head
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$")
 
 
