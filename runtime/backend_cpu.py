@@ -1,11 +1,12 @@
 """CPU backend: the handful of operations the model calls, run by `runtime._C`.
 
 Every backend implements exactly this set (DESIGN.md, "one path for every
-backend"): prepare weights (weight, vector), linear, rms_norm, rope_,
-silu_mul, attention, kv_write and embedding; plus the few array chores that
-differ between numpy and torch (forward_inputs, contiguous, cat, to_host)
-and the KV storage (kv_pool, kv_itemsize, kv_commit). Model code never
-branches on the backend.
+backend"): prepare weights (weight, vector), linear, linear_stack, rms_norm,
+rope_write (RoPE and the KV cache write), silu_mul, attention and embedding;
+the KV prefetch under the products (kv_ranges, kv_prefetch); the few array
+chores that differ between numpy and torch (forward_inputs, contiguous,
+to_host) and the KV storage (kv_pool, kv_itemsize, kv_commit). Model code
+never branches on the backend.
 """
 from __future__ import annotations
 
@@ -97,10 +98,6 @@ class CpuBackend:
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return self._C.rms_norm(x, weight, eps)
 
-    def rope_(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-              interleaved: bool) -> None:
-        self._C.rope_(x, positions, cos, sin, interleaved)
-
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         # Row-strided views (the halves of the fused gate|up product) go in as they are.
         return self._C.silu_mul(gate, up)
@@ -138,17 +135,10 @@ class CpuBackend:
                    sin: np.ndarray, interleaved: bool, cache: PagedKVCache, layer: int,
                    batch: BatchKV) -> np.ndarray:
         """The fused q/k/v product's rows [T, (hq + 2 hkv) dh]: RoPE on q and k, k and v
-        stored at `positions`; returns q [T, hq, dh]. One call in place of rope_ twice and
-        kv_write (with their copies of q, k and v): SmolLM2 decodes 30 layers a token."""
+        stored at `positions`; returns q [T, hq, dh]. One call in place of RoPE on q and on k
+        and a cache write (with copies of q, k and v): SmolLM2 decodes 30 layers a token."""
         return self._C.rope_write(qkv, hq, positions, cos, sin, interleaved, cache.k[layer],
                                   cache.v[layer], batch.block_tables, batch.seq_ids)
-
-    def kv_write(self, cache: PagedKVCache, layer: int, batch: BatchKV, positions: np.ndarray,
-                 k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v [T, n_kv_heads, head_dim] at `positions` (blocks already reserved)."""
-        self._C.paged_write(cache.k[layer], cache.v[layer], batch.block_tables, batch.seq_ids,
-                            positions, np.ascontiguousarray(k, dtype=np.float32),
-                            np.ascontiguousarray(v, dtype=np.float32))
 
     # KV storage: numpy in kv_dtype over anonymous memory, pages mapped lazily (a
     # large pool costs nothing until used) unless committed.

@@ -4,7 +4,7 @@ Layout per layer (what the attention kernels read):
 
     k[layer], v[layer]: [num_blocks, n_kv_heads, block_size, head_dim]
     (float16 or float32 numpy arrays on the CPU backend; the backend allocates
-    them and writes into them, see `kv_pool` and `kv_write` in runtime/backend_*.py)
+    them and writes into them, see `kv_pool` and `rope_write` in runtime/backend_*.py)
 
 A token at position p of a sequence lives in block `table[p // block_size]`,
 slot `p % block_size`. Keeping a head's slots contiguous lets the attention
