@@ -18,6 +18,7 @@
 
 #include "cpu_features.h"
 #include "ops.h"
+#include "decoder.h"
 #include "qlinear.h"
 
 namespace py = pybind11;
@@ -245,6 +246,32 @@ bool check_kv(const py::array& k_cache, const py::array& v_cache, const std::str
     return half;
 }
 
+// Every block each query reads (positions 0..qpos[t] of its sequence's row
+// seq[t], row 0 without seq) is in its table row and names a real block.
+void check_reads(const std::string& who, const int32_t* tables, py::ssize_t S, py::ssize_t nb, bool batched,
+                 const int32_t* seq, const int32_t* qpos, py::ssize_t T, py::ssize_t NB, py::ssize_t BS) {
+    for (py::ssize_t t = 0; t < T; ++t) {
+        if (qpos[t] < 0)
+            fail(who + ": q_positions[" + std::to_string(t) + "] = " + std::to_string(qpos[t]) + " is negative");
+        const int64_t row = seq ? seq[t] : 0;
+        if (row < 0 || row >= S)
+            fail(who + ": seq_ids[" + std::to_string(t) + "] = " + std::to_string(row) +
+                 " is out of range [0, " + std::to_string(S) + ") of the block_table rows");
+        const int64_t needed = int64_t(qpos[t]) / BS + 1;
+        if (needed > nb)
+            fail(who + ": position " + std::to_string(qpos[t]) + " needs block_table[" +
+                 std::to_string(needed - 1) + "] but block_table has only " + std::to_string(nb) +
+                 " entries (block_size " + std::to_string(BS) + ")");
+        for (int64_t i = 0; i < needed; ++i) {
+            const int32_t b = tables[row * nb + i];
+            if (b < 0 || b >= NB)
+                fail(who + ": block_table[" + (batched ? std::to_string(row) + ", " : std::string()) +
+                     std::to_string(i) + "] = " + std::to_string(b) + " is out of range [0, " +
+                     std::to_string(NB) + ") of the cache blocks");
+        }
+    }
+}
+
 py::array paged_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                           const py::array& block_table, const py::array& q_positions,
                           double scale, const py::object& seq_ids_obj) {
@@ -279,28 +306,7 @@ py::array paged_attention(const py::array& q, const py::array& k_cache, const py
     }
     const int32_t* qpos = static_cast<const int32_t*>(q_positions.data());
     const int32_t* tables = static_cast<const int32_t*>(block_table.data());
-    for (py::ssize_t t = 0; t < T; ++t) {
-        if (qpos[t] < 0)
-            fail("paged_attention: q_positions[" + std::to_string(t) + "] = " +
-                 std::to_string(qpos[t]) + " is negative");
-        const int64_t row = seq ? seq[t] : 0;
-        if (row < 0 || row >= S)
-            fail("paged_attention: seq_ids[" + std::to_string(t) + "] = " + std::to_string(row) +
-                 " is out of range [0, " + std::to_string(S) + ") of the block_table rows");
-        // Every block a query reads must be in its table row and name a real block.
-        const int64_t needed = int64_t(qpos[t]) / BS + 1;
-        if (needed > nb)
-            fail("paged_attention: position " + std::to_string(qpos[t]) + " needs block_table[" +
-                 std::to_string(needed - 1) + "] but block_table has only " + std::to_string(nb) +
-                 " entries (block_size " + std::to_string(BS) + ")");
-        for (int64_t i = 0; i < needed; ++i) {
-            const int32_t b = tables[row * nb + i];
-            if (b < 0 || b >= NB)
-                fail("paged_attention: block_table[" + (batched ? std::to_string(row) + ", " : std::string()) +
-                     std::to_string(i) + "] = " + std::to_string(b) + " is out of range [0, " +
-                     std::to_string(NB) + ") of the cache blocks");
-        }
-    }
+    check_reads("paged_attention", tables, S, nb, batched, seq, qpos, T, NB, BS);
 
     auto out = new_f32({T, Hq, Dh});
     const float* qp = static_cast<const float*>(q.data());
@@ -643,41 +649,213 @@ py::array qlinear(const py::array& x, int bits, int group_size, const py::array&
 // several quantized matrices side by side (qlinear.h: qlinear_parts). Each part
 // is the tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps,
 // code_sums) of qlinear's arguments; all take the same act_steps.
+// Quantized parts [(bits, group_size, q, qh, scales, mins, row_scale, act_steps,
+// code_sums), ...] with K inputs each, checked (messages name `who` and the
+// part); their arrays go to `inputs`, their common act_steps to `act_steps`.
+std::vector<lingli::QMatrix> qparts(const std::string& who, py::ssize_t K, const py::sequence& parts,
+                                    std::vector<py::array>& inputs, int& act_steps) {
+    const py::ssize_t np_ = py::len(parts);
+    if (np_ < 1 || np_ > lingli::kMaxParts)
+        fail(who + ": parts must hold 1 to " + std::to_string(lingli::kMaxParts) + " matrices, got " +
+             std::to_string(np_));
+    std::vector<lingli::QMatrix> ws;
+    for (py::ssize_t i = 0; i < np_; ++i) {
+        const std::string part = who + ": part " + std::to_string(i);
+        const py::object item = parts[i];
+        if (!py::isinstance<py::tuple>(item) || py::len(item) != 9)
+            fail(part + " must be a tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps, "
+                        "code_sums)");
+        const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+        const int steps = t[7].cast<int>();
+        if (steps != 1 && steps != 2) fail(part + ": act_steps must be 1 or 2, got " + std::to_string(steps));
+        if (i > 0 && steps != act_steps)
+            fail(part + ": act_steps " + std::to_string(steps) + " differs from part 0's " +
+                 std::to_string(act_steps) + " (the parts share one quantization of x)");
+        act_steps = steps;
+        if (!py::isinstance<py::array>(t[2]) || !py::isinstance<py::array>(t[4]))
+            fail(part + ": q and scales must be numpy arrays");
+        ws.push_back(qweight(part, K, t[0].cast<int>(), t[1].cast<int>(), t[2].cast<py::array>(), t[3],
+                             t[4].cast<py::array>(), t[5], t[6], t[8], inputs));
+    }
+    return ws;
+}
+
+// qlinear_parts(x, parts, out=None, prefetch=None): the products of x with
+// several quantized matrices side by side (qlinear.h: qlinear_parts). Each part
+// is the tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps,
+// code_sums) of qlinear's arguments; all take the same act_steps.
 py::array qlinear_parts(const py::array& x, const py::sequence& parts, const py::object& out_obj,
                         const py::object& prefetch_obj) {
     check_f32(x, "qlinear_parts: x", 2, "[M, K]");
     const py::ssize_t M = x.shape(0), K = x.shape(1);
-    const py::ssize_t np_ = py::len(parts);
-    if (np_ < 1 || np_ > lingli::kMaxParts)
-        fail("qlinear_parts: parts must hold 1 to " + std::to_string(lingli::kMaxParts) + " matrices, got " +
-             std::to_string(np_));
     std::vector<py::array> inputs{x};
-    std::vector<lingli::QMatrix> ws;
     int act_steps = 0;
+    const std::vector<lingli::QMatrix> ws = qparts("qlinear_parts", K, parts, inputs, act_steps);
     py::ssize_t N = 0;
-    for (py::ssize_t i = 0; i < np_; ++i) {
-        const std::string who = "qlinear_parts: part " + std::to_string(i);
-        const py::object item = parts[i];
-        if (!py::isinstance<py::tuple>(item) || py::len(item) != 9)
-            fail(who + " must be a tuple (bits, group_size, q, qh, scales, mins, row_scale, act_steps, "
-                       "code_sums)");
-        const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-        const int steps = t[7].cast<int>();
-        if (steps != 1 && steps != 2) fail(who + ": act_steps must be 1 or 2, got " + std::to_string(steps));
-        if (i > 0 && steps != act_steps)
-            fail(who + ": act_steps " + std::to_string(steps) + " differs from part 0's " +
-                 std::to_string(act_steps) + " (the parts share one quantization of x)");
-        act_steps = steps;
-        if (!py::isinstance<py::array>(t[2]) || !py::isinstance<py::array>(t[4]))
-            fail(who + ": q and scales must be numpy arrays");
-        ws.push_back(qweight(who, K, t[0].cast<int>(), t[1].cast<int>(), t[2].cast<py::array>(), t[3],
-                             t[4].cast<py::array>(), t[5], t[6], t[8], inputs));
-        N += ws.back().n;
-    }
+    for (const auto& w : ws) N += w.n;
     py::array out = out_array("qlinear_parts", out_obj, M, N, inputs);
     run_products(x, ws, out, act_steps, prefetch_obj);
     return out;
 }
+
+// ------------------------------------------------------------- decoder ----
+
+// DecoderStack(hidden, heads, kv_heads, head_dim, ffn, eps, layers): a model's
+// decoder layers, checked once, run by forward() in one call (decoder.h).
+// Each layer is (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up,
+// b_gate_up, w_down, b_down); a weight is a float32/float16 array [N, K] or
+// a list of quantized parts as qlinear_parts takes them; biases None or
+// float32 [N]. The stack holds references to every array it points into.
+class DecoderStack {
+public:
+    DecoderStack(py::ssize_t hidden, py::ssize_t heads, py::ssize_t kv_heads, py::ssize_t head_dim,
+                 py::ssize_t ffn, double eps, const py::sequence& layers) {
+        if (hidden < 1 || heads < 1 || kv_heads < 1 || head_dim < 1 || ffn < 1 || heads % kv_heads != 0)
+            fail("DecoderStack: need hidden, heads, kv_heads, head_dim, ffn >= 1 and heads a multiple of "
+                 "kv_heads, got " + std::to_string(hidden) + ", " + std::to_string(heads) + ", " +
+                 std::to_string(kv_heads) + ", " + std::to_string(head_dim) + ", " + std::to_string(ffn));
+        if (!(eps >= 0)) fail("DecoderStack: eps must be >= 0, got " + std::to_string(eps));
+        dims_ = {hidden, heads, kv_heads, head_dim, ffn, static_cast<float>(eps), 1.f, 0, false};
+        const py::ssize_t nqkv = (heads + 2 * kv_heads) * head_dim;
+        for (py::ssize_t i = 0; i < py::len(layers); ++i) {
+            const std::string who = "DecoderStack: layer " + std::to_string(i);
+            const py::object item = layers[i];
+            if (!py::isinstance<py::tuple>(item) || py::len(item) != 10)
+                fail(who + " must be a tuple (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, "
+                           "w_down, b_down)");
+            const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+            lingli::DecoderLayer L{};
+            L.attn_norm = vec(who + ": attn_norm", t[0], hidden, false);
+            L.qkv = dense(who + ": wqkv", t[1], t[2], nqkv, hidden);
+            L.o = dense(who + ": wo", t[3], t[4], hidden, heads * head_dim);
+            L.mlp_norm = vec(who + ": mlp_norm", t[5], hidden, false);
+            L.gate_up = dense(who + ": w_gate_up", t[6], t[7], 2 * ffn, hidden);
+            L.down = dense(who + ": w_down", t[8], t[9], hidden, ffn);
+            layers_.push_back(std::move(L));
+        }
+    }
+
+    py::ssize_t num_layers() const { return static_cast<py::ssize_t>(layers_.size()); }
+
+    // x [T, hidden] += every layer, in place; the other arguments as the Python
+    // loop's kernels take them (positions, cos/sin tables, the caches' per-layer
+    // K and V arrays, block_tables [S, nb], seq_ids [T], the attention scale;
+    // ranges: kv_ranges' int64 [n, 2] or None).
+    void forward(py::array x, const py::array& positions, const py::array& cos, const py::array& sin,
+                 bool interleaved, double scale, const py::sequence& k_caches, const py::sequence& v_caches,
+                 const py::array& block_table, const py::array& seq_ids, const py::object& ranges) {
+        const std::string who = "DecoderStack.forward";
+        const py::ssize_t H = dims_.hidden, L = num_layers();
+        check_f32(x, who + ": x", 2, "[T, hidden]");
+        check_writeable(x, who + ": x");
+        const py::ssize_t T = x.shape(0);
+        check_shape(x, who + ": x", {T, H}, "(hidden from the weights)");
+        lingli::DecoderDims d = dims_;
+        d.half_rot = check_rope(who, positions, cos, sin, T, d.head_dim, "the cache");
+        d.interleaved = interleaved;
+        d.scale = static_cast<float>(scale);
+        if (py::len(k_caches) != L || py::len(v_caches) != L)
+            fail(who + ": k_caches and v_caches need one array per layer (" + std::to_string(L) + "), got " +
+                 std::to_string(py::len(k_caches)) + " and " + std::to_string(py::len(v_caches)));
+        std::vector<py::array> ks, vs;
+        bool half = false;
+        py::ssize_t NB = 0, BS = 0;
+        for (py::ssize_t i = 0; i < L; ++i) {
+            const std::string lw = who + ": layer " + std::to_string(i);
+            if (!py::isinstance<py::array>(k_caches[i]) || !py::isinstance<py::array>(v_caches[i]))
+                fail(lw + ": k_caches and v_caches must hold numpy arrays");
+            ks.push_back(k_caches[i].cast<py::array>());
+            vs.push_back(v_caches[i].cast<py::array>());
+            const bool h = check_kv(ks[i], vs[i], lw);
+            if (i == 0) {
+                half = h, NB = ks[0].shape(0), BS = ks[0].shape(2);
+                if (BS == 0) fail(lw + ": block_size (k_cache.shape[2]) must be > 0");
+            } else if (h != half) {
+                fail(lw + ": the cache's dtype differs from layer 0's");
+            }
+            check_shape(ks[i], lw + ": k_cache", {NB, d.kv_heads, BS, d.head_dim},
+                        "(num_blocks and block_size from layer 0, heads from the weights)");
+            check_shape(vs[i], lw + ": v_cache", {NB, d.kv_heads, BS, d.head_dim}, "(same as k_cache)");
+            check_writeable(ks[i], lw + ": k_cache");
+            check_writeable(vs[i], lw + ": v_cache");
+        }
+        check_i32(block_table, who + ": block_table", 2, "[S, nb]");
+        check_i32(seq_ids, who + ": seq_ids", 1, "[T]");
+        check_shape(seq_ids, who + ": seq_ids", {T}, "(T from x)");
+        const int32_t* tables = static_cast<const int32_t*>(block_table.data());
+        const int32_t* sid = static_cast<const int32_t*>(seq_ids.data());
+        const int32_t* pos = static_cast<const int32_t*>(positions.data());
+        const py::ssize_t S = block_table.shape(0), nb = block_table.shape(1);
+        check_slots(who, block_table, seq_ids, positions, NB, BS);
+        check_reads(who, tables, S, nb, true, sid, pos, T, NB, BS);
+        lingli::PrefetchPlan plan{};
+        if (!ranges.is_none() && L > 0) plan = prefetch_plan(py::make_tuple(ks[0], vs[0], ranges));
+
+        std::vector<void*> kp(L), vp(L);
+        for (py::ssize_t i = 0; i < L; ++i) kp[i] = ks[i].mutable_data(), vp[i] = vs[i].mutable_data();
+        float* xp = static_cast<float*>(x.mutable_data());
+        const float* cp = static_cast<const float*>(cos.data());
+        const float* sp = static_cast<const float*>(sin.data());
+        py::gil_scoped_release nogil;
+        if (half)
+            run<uint16_t>(kp, vp, BS, tables, nb, sid, plan, d, xp, T, pos, cp, sp);
+        else
+            run<float>(kp, vp, BS, tables, nb, sid, plan, d, xp, T, pos, cp, sp);
+    }
+
+private:
+    template <typename KV>
+    void run(const std::vector<void*>& kp, const std::vector<void*>& vp, py::ssize_t BS, const int32_t* tables,
+             py::ssize_t nb, const int32_t* sid, const lingli::PrefetchPlan& plan, const lingli::DecoderDims& d,
+             float* x, py::ssize_t T, const int32_t* pos, const float* cos, const float* sin) const {
+        std::vector<KV*> k(kp.size()), v(vp.size());
+        for (size_t i = 0; i < kp.size(); ++i) k[i] = static_cast<KV*>(kp[i]), v[i] = static_cast<KV*>(vp[i]);
+        const lingli::DecoderCache<KV> c{k.data(), v.data(), BS, tables, nb, sid, plan.ranges, plan.n};
+        lingli::decoder_layers(layers_.data(), num_layers(), d, x, T, pos, cos, sin, c);
+    }
+
+    // A float32 vector [n] (a norm weight, or a bias where `optional`).
+    const float* vec(const std::string& what, const py::handle& o, py::ssize_t n, bool optional) {
+        if (optional && o.is_none()) return nullptr;
+        if (!py::isinstance<py::array>(o)) fail(what + " must be a numpy float32 array [" + std::to_string(n) + "]");
+        py::array a = py::reinterpret_borrow<py::array>(o);
+        check_f32(a, what, 1, "[N]");
+        check_shape(a, what, {n}, "(from the model's dimensions)");
+        keep_.push_back(a);
+        return static_cast<const float*>(a.data());
+    }
+
+    lingli::DenseWeight dense(const std::string& what, const py::handle& w, const py::handle& bias,
+                              py::ssize_t n, py::ssize_t k) {
+        lingli::DenseWeight d;
+        d.n = n, d.k = k;
+        if (py::isinstance<py::array>(w)) {
+            py::array a = py::reinterpret_borrow<py::array>(w);
+            const bool half = is_f16(a);
+            if (!half && !a.dtype().is(py::dtype::of<float>()))
+                fail(what + " must be float32 or float16, got " + std::string(py::str(a.dtype())));
+            check_array(a, what, 2, "[N, K]");
+            check_shape(a, what, {n, k}, "(from the model's dimensions)");
+            keep_.push_back(a);
+            if (half) d.f16 = static_cast<const uint16_t*>(a.data());
+            else d.f32 = static_cast<const float*>(a.data());
+        } else {
+            if (!py::isinstance<py::sequence>(w) || py::isinstance<py::str>(w))
+                fail(what + " must be a float array or a list of quantized parts");
+            d.parts = qparts(what, k, py::reinterpret_borrow<py::sequence>(w), keep_, d.act_steps);
+            py::ssize_t rows = 0;
+            for (const auto& p : d.parts) rows += p.n;
+            if (rows != n)
+                fail(what + ": the parts have " + std::to_string(rows) + " rows, expected " + std::to_string(n));
+        }
+        d.bias = vec(what + " bias", bias, n, true);
+        return d;
+    }
+
+    lingli::DecoderDims dims_{};
+    std::vector<lingli::DecoderLayer> layers_;
+    std::vector<py::array> keep_;  // every array the layers point into
+};
 
 // ------------------------------------------------------------ dispatch ----
 
@@ -765,6 +943,17 @@ PYBIND11_MODULE(_C, m) {
           "qlinear's arguments (the same act_steps for all): the same results as qlinear per part, side by "
           "side. One activation row is quantized once and every part's rows run in one parallel pass. "
           "prefetch as in qlinear (with the first part for several rows).");
+    py::class_<DecoderStack>(m, "DecoderStack",
+                             "A model's decoder layers, checked once and run in one call (csrc/decoder.h).")
+        .def(py::init<py::ssize_t, py::ssize_t, py::ssize_t, py::ssize_t, py::ssize_t, double, const py::sequence&>(),
+             py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("ffn"),
+             py::arg("eps"), py::arg("layers"))
+        .def_property_readonly("num_layers", &DecoderStack::num_layers)
+        .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
+             py::arg("interleaved"), py::arg("scale"), py::arg("k_caches"), py::arg("v_caches"),
+             py::arg("block_table"), py::arg("seq_ids"), py::arg("ranges"),
+             "x [T, hidden] += every layer in place: runtime.model's layer_loop with the same kernels "
+             "and the same floats.");
     m.def("scale_table", [] {
         py::array_t<float> t(256);
         float* p = t.mutable_data();

@@ -436,11 +436,14 @@ void linear_f16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t 
             return;
         }
         // For several x rows, convert each weight row once per x tile and
-        // reuse the f32 kernels.
+        // reuse the f32 kernels. The row starts on a 64-byte boundary: the
+        // kernels' summation order follows the row's alignment (head_to_align),
+        // so a heap-placed row would make the floats depend on malloc.
         rows_multi(kern, x, y, M, N, K, n0, n1, [&](int64_t n, std::vector<float>& buf) {
-            buf.resize(static_cast<size_t>(K));
-            kern.half_to_f32(w + n * K, buf.data(), K);
-            return static_cast<const float*>(buf.data());
+            buf.resize(static_cast<size_t>(K) + 16);
+            float* row = buf.data() + head_to_align(buf.data(), 64, 4, 16);
+            kern.half_to_f32(w + n * K, row, K);
+            return static_cast<const float*>(row);
         });
     });
 }

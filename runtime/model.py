@@ -10,6 +10,11 @@
 Weights arrive with Hugging Face names and layout ([out, in]). At load time
 q/k/v and gate/up are concatenated so each is one matrix product per layer:
 fewer, larger calls keep the threads busy on small models.
+
+layer_loop below is the layers' one definition. A backend runs it as it is
+(Triton), or fuses it into one call with the same kernels (the CPU backend's
+_C.DecoderStack: no Python between the ~10 kernels of each layer); its
+`layer_runner` decides.
 """
 from __future__ import annotations
 
@@ -118,6 +123,8 @@ class LlamaModel:
             ))
         self.cos, self.sin = (be.vector(t) for t in rope_tables(config, max_positions))
         self.scale = config.head_dim ** -0.5
+        # How the backend runs layer_loop: as it is, or fused into one call.
+        self.run_layers = be.layer_runner(self)
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (embedding row aside): the bandwidth bound."""
@@ -139,12 +146,27 @@ class LlamaModel:
         cfg, be = self.config, self.backend
         T = len(tokens)
         batch = kv if isinstance(kv, BatchKV) else BatchKV.of([kv], [T])
-        hq, dh = cfg.num_heads, cfg.head_dim
         positions, batch = be.forward_inputs(positions, batch)  # on the backend's device
         x = be.embedding(self.embed, tokens)                                  # [T, H]
         # The cache blocks attention will read: each layer's q/k/v product
         # brings them in under its arithmetic (backend's choice; None: none).
         ranges = be.kv_ranges(cache, batch, positions)
+        self.run_layers(x, positions, cache, batch, ranges)                    # x += layers
+        if logit_rows is not None:
+            x = x[logit_rows]
+        elif not all_logits:
+            x = x[-1:]
+        x = be.rms_norm(be.contiguous(x), self.final_norm, cfg.rms_norm_eps)
+        return be.to_host(be.linear(x, self.lm_head))                        # numpy float32
+
+    def layer_loop(self, x, positions, cache: PagedKVCache, batch: BatchKV, ranges) -> None:
+        """x [T, H] += every decoder layer, in place, one backend operation at a time.
+
+        positions and batch are on the backend's device (forward_inputs); ranges is
+        kv_ranges' answer: the cache blocks this pass's attention reads."""
+        cfg, be = self.config, self.backend
+        T = x.shape[0]
+        hq, dh = cfg.num_heads, cfg.head_dim
         for i, lw in enumerate(self.layers):
             h = be.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
             qkv = _linear(be, h, lw.wqkv, lw.bqkv,                            # [T, (hq+2hkv)dh]
@@ -158,9 +180,3 @@ class LlamaModel:
             gate_up = _linear(be, h, lw.w_gate_up, lw.b_gate_up)              # [T, 2F]
             f = gate_up.shape[1] // 2
             x += be.linear(be.silu_mul(gate_up[:, :f], gate_up[:, f:]), lw.w_down, lw.b_down)
-        if logit_rows is not None:
-            x = x[logit_rows]
-        elif not all_logits:
-            x = x[-1:]
-        x = be.rms_norm(be.contiguous(x), self.final_norm, cfg.rms_norm_eps)
-        return be.to_host(be.linear(x, self.lm_head))                        # numpy float32

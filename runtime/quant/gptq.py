@@ -251,12 +251,13 @@ def collect_hessians(model, texts=None, n_tokens: int = 2048, window: int = 512,
     it = windows
     if progress:
         it = _progress(windows, "calibrating")
-    m.backend = rec
+    # The products' inputs show only in the op-by-op layer loop (not a backend's fused one).
+    m.backend, run_layers, m.run_layers = rec, m.run_layers, m.layer_loop
     try:
         for win in it:
             llm.logits(win)
     finally:
-        m.backend = rec._inner
+        m.backend, m.run_layers = rec._inner, run_layers
 
     out: dict[str, np.ndarray] = {}
     for key, h in rec.sums.items():
