@@ -237,21 +237,30 @@ def run(a: argparse.Namespace) -> dict:
             set_threads(llm, T)
             measure_decode(llm, dec_ids, 4)
         lc_eng.decode(dec_ids, 4)
-        best = {"l_dec": 0.0, "c_dec": 0.0, "l_pre": 0.0, "c_pre": 0.0}
+        # Each round's pair ran back to back; the host's speed drifts between rounds
+        # (and sometimes favours one engine), so the median of the rounds' own
+        # ratios is reported beside the ratio of the bests.
+        runs = {"l_dec": [], "c_dec": [], "l_pre": [], "c_pre": []}
         for r in range(a.repeats):
             if llm is not None:
                 set_threads(llm, T)
-                best["l_dec"] = max(best["l_dec"], measure_decode(llm, dec_ids, a.decode))
-            best["c_dec"] = max(best["c_dec"], lc_eng.decode(dec_ids, a.decode))
+                runs["l_dec"].append(measure_decode(llm, dec_ids, a.decode))
+            runs["c_dec"].append(lc_eng.decode(dec_ids, a.decode))
             if llm is not None:
                 set_threads(llm, T)
-                best["l_pre"] = max(best["l_pre"], measure_prefill(llm, pre_ids))
-            best["c_pre"] = max(best["c_pre"], lc_eng.prefill(pre_ids))
-            log(f"{lq}/{lc} round {r + 1}: decode {best['l_dec']:.2f} vs {best['c_dec']:.2f}, "
-                f"prefill {best['l_pre']:.1f} vs {best['c_pre']:.1f} tok/s (best so far)")
+                runs["l_pre"].append(measure_prefill(llm, pre_ids))
+            runs["c_pre"].append(lc_eng.prefill(pre_ids))
+            last = {k: v[-1] if v else 0.0 for k, v in runs.items()}
+            log(f"{lq}/{lc} round {r + 1}: decode {last['l_dec']:.2f} vs {last['c_dec']:.2f}, "
+                f"prefill {last['l_pre']:.1f} vs {last['c_pre']:.1f} tok/s")
         lc_eng.close()
+        best = {k: max(v, default=0.0) for k, v in runs.items()}
         row.update(lingli_decode_tok_s=best["l_dec"] or None, llamacpp_decode_tok_s=best["c_dec"],
-                   lingli_prefill_tok_s=best["l_pre"] or None, llamacpp_prefill_tok_s=best["c_pre"])
+                   lingli_prefill_tok_s=best["l_pre"] or None, llamacpp_prefill_tok_s=best["c_pre"],
+                   rounds={k: [round(x, 3) for x in v] for k, v in runs.items()})
+        if llm is not None:
+            row.update(decode_ratio_median=paired_median(runs["l_dec"], runs["c_dec"]),
+                       prefill_ratio_median=paired_median(runs["l_pre"], runs["c_pre"]))
         if a.ppl_tokens >= 2:
             n_win = len(windows(len(ids), a.ctx, stride))
             lc_ppl = LlamaCppEngine(files[lc], T, n_ctx=a.ctx, logits_all=True,
@@ -289,6 +298,14 @@ def run(a: argparse.Namespace) -> dict:
             "text": str(a.text), "repeats": a.repeats, "rows": rows}
 
 
+def paired_median(a: list[float], b: list[float]) -> float | None:
+    """The median over rounds of a[i] / b[i] (rounds where both ran)."""
+    r = sorted(x / y for x, y in zip(a, b) if x and y)
+    if not r:
+        return None
+    return r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
+
+
 def _f(x, fmt="{:.2f}") -> str:
     return fmt.format(x) if isinstance(x, (int, float)) and x is not None else "n/a"
 
@@ -302,10 +319,11 @@ def format_report(res: dict) -> str:
     out = [f"model={res['model']} threads={res['threads']} read bandwidth "
            f"{res['read_gb_s']:.1f} GB/s (best of before/after); decode {res['decode_tokens']} "
            f"tokens after 8, prefill {res['prefill_tokens']}, best of {res['repeats']} "
-           f"alternating rounds", "",
+           f"alternating rounds (L/C med: the median of each round's own ratio)", "",
            "| Lingli | llama.cpp | GGUF bytes | bits/w L | bits/w C | MB/tok L | MB/tok C | "
-           "decode L | decode C | L/C | share L | share C | prefill L | prefill C | L/C |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "decode L | decode C | L/C | L/C med | share L | share C | prefill L | prefill C | L/C | "
+           "L/C med |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
             f"| {r['lingli']} | {r['llamacpp']} | {r['gguf_bytes']:,} | "
@@ -313,10 +331,12 @@ def format_report(res: dict) -> str:
             f"{_f(r.get('lingli_mb_per_token'), '{:.0f}')} | {_f(r.get('lc_mb_per_token'), '{:.0f}')} | "
             f"{_f(r.get('lingli_decode_tok_s'))} | {_f(r.get('llamacpp_decode_tok_s'))} | "
             f"{_ratio(r.get('lingli_decode_tok_s'), r.get('llamacpp_decode_tok_s'))} | "
+            f"{_f(r.get('decode_ratio_median'))} | "
             f"{_f(r.get('lingli_share'), '{:.0%}')} | {_f(r.get('llamacpp_share'), '{:.0%}')} | "
             f"{_f(r.get('lingli_prefill_tok_s'), '{:.1f}')} | "
             f"{_f(r.get('llamacpp_prefill_tok_s'), '{:.1f}')} | "
-            f"{_ratio(r.get('lingli_prefill_tok_s'), r.get('llamacpp_prefill_tok_s'))} |")
+            f"{_ratio(r.get('lingli_prefill_tok_s'), r.get('llamacpp_prefill_tok_s'))} | "
+            f"{_f(r.get('prefill_ratio_median'))} |")
     if any("llamacpp_ppl" in r for r in rows):
         n = rows[0].get("ppl_tokens_scored")
         out += ["", f"perplexity on {res['text']} ({n} tokens scored, ctx {res['ppl_ctx']}, "

@@ -334,3 +334,23 @@ def test_bench_streams_flags_shared_vector_pipes(scaling, flagged):
     assert line.startswith("int8 dot-product rate, 1 / 2 threads: 900 / 1800 GOP/s")
     assert ("vector pipes shared" in line) == flagged
     assert bench_streams.pipes_line(None, None, 2) is None
+
+
+def test_compare_reports_the_median_of_paired_rounds():
+    """compare_llamacpp's 'L/C med': each round's Lingli / llama.cpp ratio, the median
+    over rounds (a host that speeds one engine up for a round moves the bests, not it)."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    from compare_llamacpp import format_report, paired_median
+
+    assert paired_median([2.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
+    assert paired_median([1.0, 4.0], [1.0, 2.0]) == 1.5
+    assert paired_median([0.0, 6.0], [1.0, 2.0]) == 3.0          # a round Lingli did not run
+    assert paired_median([], []) is None
+    row = {"lingli": "int4", "llamacpp": "Q4_0", "gguf_bytes": 10, "lingli_decode_tok_s": 10.0,
+           "llamacpp_decode_tok_s": 4.0, "decode_ratio_median": 1.25, "prefill_ratio_median": 0.75,
+           "lingli_prefill_tok_s": 3.0, "llamacpp_prefill_tok_s": 4.0}
+    rep = format_report({"model": "m", "threads": 2, "read_gb_s": 1.0, "decode_tokens": 4,
+                         "prefill_tokens": 8, "repeats": 3, "rows": [row]})
+    line = [ln for ln in rep.splitlines() if ln.startswith("| int4")][0]
+    assert "| 10.00 | 4.00 | 2.50 | 1.25 |" in line and line.endswith("| 0.75 | 0.75 |")
